@@ -1,0 +1,102 @@
+"""Mean ± std tables and learning-curve figures with bands, shared by every study."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample std (ddof=1; 0 for a single value)."""
+    array = np.asarray(values, dtype=float)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def format_mean_std(values: Sequence[float], digits: int = 3) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}g} ± {std:.2g}"
+
+
+def group_by(rows: list[dict[str, Any]], key: str) -> dict[Any, list[dict[str, Any]]]:
+    """Rows grouped by the value of `key`, groups in first-seen order."""
+    groups: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[row[key]].append(row)
+    return dict(groups)
+
+
+def summary_table(
+    rows: list[dict[str, Any]], group_key: str, metrics: Sequence[str]
+) -> tuple[list[str], list[list[str]], dict[str, dict[str, dict[str, float]]]]:
+    """Per group of `group_key`: mean ± std of each metric over its rows (one row per seed).
+
+    Returns (header, table rows, {group: {metric: {mean, std, n}}}).
+    """
+    header = [group_key, *metrics, "seeds"]
+    table, numbers = [], {}
+    for group, members in group_by(rows, group_key).items():
+        numbers[str(group)] = {}
+        cells = [str(group)]
+        for metric in metrics:
+            values = [m[metric] for m in members if m.get(metric) is not None]
+            if values:
+                mean, std = mean_std(values)
+                numbers[str(group)][metric] = {"mean": mean, "std": std, "n": len(values)}
+                cells.append(format_mean_std(values))
+            else:
+                cells.append("–")
+        cells.append(str(len(members)))
+        table.append(cells)
+    return header, table, numbers
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_curves(
+    rows: list[dict[str, Any]],
+    x_key: str,
+    metrics: Sequence[str],
+    group_key: str,
+    seed_key: str = "seed",
+    titles: Sequence[str] | None = None,
+    log_y: Sequence[bool] | None = None,
+):
+    """One panel per metric: the mean over seeds of each group against `x_key`, ± 1 std band.
+
+    `rows` is long format: one row per (group, seed, x). Returns the matplotlib figure.
+    """
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for index, metric in enumerate(metrics):
+        ax = axes[0, index]
+        for group, members in group_by(rows, group_key).items():
+            curves = defaultdict(dict)
+            for row in members:
+                if row.get(metric) is not None:
+                    curves[row[seed_key]][row[x_key]] = row[metric]
+            xs = sorted(set.intersection(*(set(c) for c in curves.values()))) if curves else []
+            if not xs:
+                continue
+            values = np.array([[c[x] for x in xs] for c in curves.values()])
+            mean, std = values.mean(0), values.std(0)
+            ax.plot(xs, mean, label=str(group))
+            ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
+        ax.set_title(titles[index] if titles else metric)
+        ax.set_xlabel(x_key)
+        values_seen = [row[metric] for row in rows if row.get(metric) is not None]
+        if log_y and log_y[index] and values_seen and min(values_seen) > 0:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    figure.tight_layout()
+    return figure

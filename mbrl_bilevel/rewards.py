@@ -1,0 +1,133 @@
+"""Reward modules r_φ(ŷ, y): higher is better; their parameters are the φ of the outer loop.
+
+Every Mahalanobis reward computes r(ŷ, y) = -(ŷ - y)ᵀ U (ŷ - y) for ŷ of shape [B, D] or
+[G, B, D] and y of shape [B, D]; `matrix()` returns U [D, D].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mbrl_bilevel.validation import ConfigError, check_positive, check_spd
+
+
+def quadratic_form(diff: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """dᵀ U d over the last dim. diff [..., B, D], matrix [D, D] or [B, D, D] -> [..., B]."""
+    return ((diff.unsqueeze(-2) @ matrix).squeeze(-2) * diff).sum(-1)
+
+
+class MahalanobisReward(nn.Module):
+    """Base class: subclasses define `matrix()`, the SPD matrix U [D, D]."""
+
+    dim: int
+
+    def matrix(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self, y_hat: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """y_hat [B, D] or [G, B, D], y [B, D] -> r [B] or [G, B]."""
+        return -quadratic_form(y_hat - y, self.matrix())
+
+
+class FixedMahalanobis(MahalanobisReward):
+    """U given once (a buffer, no parameters)."""
+
+    def __init__(self, matrix: torch.Tensor):
+        super().__init__()
+        check_spd(matrix, "reward matrix U")
+        self.dim = matrix.shape[0]
+        self.register_buffer("U", matrix.clone())
+
+    def matrix(self) -> torch.Tensor:
+        return self.U
+
+
+class ScalarMahalanobis(MahalanobisReward):
+    """U = u·I with u = exp(log_u) learnable."""
+
+    def __init__(self, dim: int, scale: float = 1.0):
+        super().__init__()
+        check_positive(scale, "reward scale u")
+        self.dim = dim
+        self.log_scale = nn.Parameter(torch.tensor(float(scale)).log())
+
+    def matrix(self) -> torch.Tensor:
+        return self.log_scale.exp() * torch.eye(self.dim, dtype=self.log_scale.dtype)
+
+
+class DiagonalMahalanobis(MahalanobisReward):
+    """U = diag(exp(log_diag)) with log_diag [D] learnable."""
+
+    def __init__(self, diagonal: torch.Tensor):
+        super().__init__()
+        if diagonal.ndim != 1 or not (diagonal > 0).all():
+            raise ConfigError(f"reward diagonal must be a positive vector, got {diagonal}")
+        self.dim = diagonal.shape[0]
+        self.log_diag = nn.Parameter(diagonal.log().clone())
+
+    def matrix(self) -> torch.Tensor:
+        return torch.diag(self.log_diag.exp())
+
+
+class CholeskyMahalanobis(MahalanobisReward):
+    """U = L Lᵀ, L lower triangular with a positive (exp) diagonal; full SPD and learnable."""
+
+    def __init__(self, matrix: torch.Tensor):
+        super().__init__()
+        check_spd(matrix, "initial reward matrix U")
+        self.dim = matrix.shape[0]
+        chol = torch.linalg.cholesky(matrix)
+        self.log_diag = nn.Parameter(chol.diagonal().log().clone())
+        self.lower = nn.Parameter(torch.tril(chol, -1).clone())
+
+    def cholesky(self) -> torch.Tensor:
+        """L [D, D]."""
+        return torch.tril(self.lower, -1) + torch.diag(self.log_diag.exp())
+
+    def matrix(self) -> torch.Tensor:
+        chol = self.cholesky()
+        return chol @ chol.T
+
+
+class OneHotReward(nn.Module):
+    """Mahalanobis reward on one-hot class vectors: r(ŷ, y) = -(e_ŷ - e_y)ᵀ U (e_ŷ - e_y).
+
+    ŷ: class indices [B] or [G, B]; y: class indices [B]. With U = βI, r = -2β·[ŷ ≠ y].
+    """
+
+    def __init__(self, base: MahalanobisReward):
+        super().__init__()
+        self.base = base
+        self.num_classes = base.dim
+
+    def matrix(self) -> torch.Tensor:
+        return self.base.matrix()
+
+    def pairwise(self) -> torch.Tensor:
+        """Reward table R [C, C] with R[k, j] = r(ŷ = k, y = j)."""
+        U = self.base.matrix()
+        d = U.diagonal()
+        return -(d[:, None] + d[None, :] - U - U.T)
+
+    def forward(
+        self, y_hat: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.pairwise()[y_hat.long(), y.long()]
+
+
+def make_mahalanobis(kind: str, initial: torch.Tensor) -> MahalanobisReward:
+    """Build a reward of `kind` in {fixed, scalar, diag, full} starting at U = initial [D, D]."""
+    check_spd(initial, "initial reward matrix U")
+    dim = initial.shape[0]
+    if kind == "fixed":
+        return FixedMahalanobis(initial)
+    if kind == "scalar":
+        return ScalarMahalanobis(dim, float(initial.diagonal().mean()))
+    if kind == "diag":
+        return DiagonalMahalanobis(initial.diagonal().clone())
+    if kind == "full":
+        return CholeskyMahalanobis(initial)
+    raise ConfigError(f"unknown reward kind {kind!r}; choose fixed, scalar, diag or full")

@@ -1,0 +1,83 @@
+"""The command line: a tiny real run writes its folder; bad input exits 2 without a traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mbrl_bilevel.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "mbrl_bilevel.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_gaussian_run_writes_run_folder(tmp_path, capsys):
+    main(
+        [
+            "gaussian",
+            "--dim",
+            "3",
+            "--lam",
+            "0.7",
+            "--sigma",
+            "2,0.5,0;0.5,1,0.3;0,0.3,0.5",
+            "--steps",
+            "40",
+            "--seeds",
+            "2",
+            "--eval-every",
+            "20",
+            "--out-dir",
+            str(tmp_path),
+            "--name",
+            "tiny",
+        ]
+    )
+    run = tmp_path / "tiny"
+    assert "run folder: " + str(run) in capsys.readouterr().out
+    for name in (
+        "config.json",
+        "summary.json",
+        "metrics.csv",
+        "table.md",
+        "plots/gaussian_study.png",
+    ):
+        assert (run / name).is_file(), name
+    assert list((run / "tb").glob("pg-star-seed1/events.*"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["final"]) == {"nll", "pg-star", "pg-identity", "pg-scaled"}
+    assert summary["final"]["nll"]["nll"]["n"] == 2
+    assert json.loads((run / "config.json").read_text())["lam"] == 0.7
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lam", "0"], "λ"),
+        (["--lam", "-1"], "λ"),
+        (["--sigma", "1,2;2,1"], "positive definite"),
+        (["--sigma", "1,0.5;0,1"], "symmetric"),
+        (["--dim", "3", "--sigma", "1,0;0,1"], "dimension is 3"),
+        (["--steps", "0"], "steps"),
+        (["--methods", "nll,magic"], "unknown methods"),
+        (["--sigma", "/nonexistent.npy"], "cannot read"),
+    ],
+)
+def test_bad_input_exits_2_without_traceback(args, message, tmp_path):
+    result = run_cli("gaussian", "--out-dir", str(tmp_path), *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())  # refused before any run folder is made
+
+
+def test_help_lists_commands():
+    result = run_cli("--help")
+    assert result.returncode == 0 and "gaussian" in result.stdout

@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from mbrl_bilevel.rewards import (
+    CholeskyMahalanobis,
+    DiagonalMahalanobis,
+    FixedMahalanobis,
+    OneHotReward,
+    ScalarMahalanobis,
+    make_mahalanobis,
+)
+from mbrl_bilevel.validation import ConfigError
+
+
+@pytest.mark.parametrize("kind", ["fixed", "scalar", "diag", "full"])
+def test_reward_shapes_and_value(kind, reward_matrix3):
+    initial = reward_matrix3 if kind in ("fixed", "full") else torch.diag(reward_matrix3.diagonal())
+    if kind == "scalar":
+        initial = 2.0 * torch.eye(3, dtype=torch.float64)
+    reward = make_mahalanobis(kind, initial).double()
+    assert torch.allclose(reward.matrix(), initial)
+    y_hat, y = torch.randn(5, 4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    r = reward(y_hat, y)
+    assert r.shape == (5, 4)
+    assert reward(y_hat[0], y).shape == (4,)
+    d = y_hat[1, 2] - y[2]
+    assert torch.allclose(r[1, 2], -(d @ initial @ d))
+
+
+def test_learnable_rewards_stay_spd_and_have_gradients(reward_matrix3):
+    for reward in (
+        ScalarMahalanobis(3, 0.5),
+        DiagonalMahalanobis(torch.ones(3)),
+        CholeskyMahalanobis(reward_matrix3.float()),
+    ):
+        with torch.no_grad():
+            for p in reward.parameters():
+                p.add_(torch.randn_like(p) * 3)
+        assert torch.linalg.eigvalsh(reward.matrix()).min() > 0
+        reward(torch.randn(2, 3), torch.randn(2, 3)).sum().backward()
+        assert all(p.grad is not None for p in reward.parameters())
+
+
+def test_one_hot_reward():
+    reward = OneHotReward(ScalarMahalanobis(4, 1.5))
+    y_hat = torch.tensor([[0, 1, 3], [2, 1, 0]])
+    y = torch.tensor([0, 2, 3])
+    expected = -2 * 1.5 * (y_hat != y).float()
+    assert torch.allclose(reward(y_hat, y), expected)
+    full = OneHotReward(FixedMahalanobis(torch.tensor([[2.0, 0.5], [0.5, 1.0]])))
+    e = torch.eye(2)
+    d = e[0] - e[1]
+    assert torch.allclose(full(torch.tensor([0]), torch.tensor([1])), -(d @ full.matrix() @ d))
+
+
+@pytest.mark.parametrize(
+    "matrix",
+    [
+        torch.tensor([[1.0, 2.0], [2.0, 1.0]]),
+        torch.tensor([[1.0, 0.5], [0.0, 1.0]]),
+        torch.tensor([[1.0, 0.0], [0.0, float("nan")]]),
+        torch.ones(2, 3),
+    ],
+)
+def test_non_spd_matrices_are_refused(matrix):
+    with pytest.raises(ConfigError):
+        FixedMahalanobis(matrix)
+    with pytest.raises(ConfigError):
+        CholeskyMahalanobis(matrix)
+
+
+def test_bad_scalar_and_kind():
+    with pytest.raises(ConfigError):
+        ScalarMahalanobis(2, -1.0)
+    with pytest.raises(ConfigError):
+        make_mahalanobis("banana", torch.eye(2))
