@@ -243,7 +243,7 @@ def homoscedastic(model: nn.Module, val: Dataset):
 
 
 @torch.no_grad()
-def test_metrics(dist: Distribution, y: torch.Tensor) -> dict[str, float]:
+def heldout_metrics(dist: Distribution, y: torch.Tensor) -> dict[str, float]:
     """rmse, nll per dimension, cal1, cal2 of a predictive distribution (batch [B], event D)."""
     error = (dist.mean - y).abs()
     std = dist.variance.sqrt()
@@ -314,7 +314,7 @@ def run_seed(seed: int, config: DynamicsConfig, transitions: Transitions, tb_dir
             if strategy == "mse"
             else (lambda x, model=model: predictive(model, x))
         )
-        row = {"strategy": strategy, "seed": seed, **test_metrics(predict(test.x), test.y)}
+        row = {"strategy": strategy, "seed": seed, **heldout_metrics(predict(test.x), test.y)}
         row["rollout_rmse"] = (
             rollout_rmse(predict, transitions, starts, config.horizon, not config.paper)
             if len(starts)
