@@ -108,7 +108,7 @@ def fit(
         raise ConfigError("the validation split is empty")
     generator = generator or torch.Generator().manual_seed(0)
     params = [p for p in predictor.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
     schedule = _schedule(optimizer, config)
     history: list[dict[str, float]] = []
     best = (math.inf, 0, copy.deepcopy(predictor.state_dict()))

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch.distributions import Independent, Normal
 
-from mbrl_bilevel.bench import BenchConfig, linear_flops_per_step, run_train_bench
 from mbrl_bilevel.cli import main
 from mbrl_bilevel.data import Dataset
 from mbrl_bilevel.dynamics import (
@@ -19,6 +18,7 @@ from mbrl_bilevel.dynamics import (
     rollout_rmse,
     rollout_starts,
 )
+from mbrl_bilevel.train_bench import TrainBenchConfig, linear_flops_per_step, run_train_bench
 from mbrl_bilevel.transitions import Transitions
 from mbrl_bilevel.validation import ConfigError
 
@@ -216,8 +216,9 @@ def test_solver_strategies_and_lambda_are_checked():
 
 def test_train_bench_counts_flops_and_reports_a_share():
     assert linear_flops_per_step(23, 17, (200,) * 4, 7, 256) == 6 * 7 * 256 * 131_400
-    config = BenchConfig("train", strategies="nll,pg-identity", hidden="64,64", steps=5)
-    rows = run_train_bench(config)
+    config = TrainBenchConfig(strategies="nll,pg-identity", hidden="64,64", steps=5, rounds=1)
+    rows, context = run_train_bench(config)
+    assert context["flops_per_step"] == linear_flops_per_step(23, 17, (64, 64), 7, 256)
     assert [row["strategy"] for row in rows] == ["nll", "pg-identity"]
     for row in rows:
         assert row["transitions_per_s"] > 0 and 0 < row["share_of_matmul"] < 2
