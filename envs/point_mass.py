@@ -1,7 +1,7 @@
 """A tiny 2-D point-mass task for fast agent tests: move a point to the origin.
 
-State and observation: position p in R^2, starting uniform in [-1, 1]^2. Action a in [-1, 1]^2
-moves it: p' = p + 0.1 a. Reward -||p'|| - 0.01 ||a||^2 (dense), no termination, 50 steps per
+State and observation: position p in [-2, 2]^2, starting uniform in [-1, 1]^2. Action a in
+[-1, 1]^2 moves it: p' = clip(p + 0.1 a, -2, 2) (walls that random actions rarely reach). Reward -||p'|| - 0.01 ||a||^2 (dense), no termination, 50 steps per
 episode. A planner with a good model reaches the origin in about 10 steps (return around -5);
 uniform random actions keep the point roughly where it started (return around -38).
 """
@@ -15,17 +15,18 @@ from torch import Tensor
 
 POINT_MASS_ID = "mbrl_bilevel/PointMass-v0"
 STEP_SIZE = 0.1
+BOUND = 2.0
 CONTROL_COST = 0.01
 EPISODE_STEPS = 50
 
 
 class PointMassEnv(gym.Env):
-    """Observation Box(-inf, inf, (2,)) float32; action Box(-1, 1, (2,)) float32."""
+    """Observation Box(-2, 2, (2,)) float32; action Box(-1, 1, (2,)) float32."""
 
     metadata = {"render_modes": []}
 
     def __init__(self):
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(2,), dtype=np.float32)
+        self.observation_space = gym.spaces.Box(-BOUND, BOUND, shape=(2,), dtype=np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(2,), dtype=np.float32)
         self._position = np.zeros(2, dtype=np.float32)
 
@@ -36,7 +37,8 @@ class PointMassEnv(gym.Env):
 
     def step(self, action):
         action = np.clip(np.asarray(action, dtype=np.float32), -1.0, 1.0)
-        self._position = (self._position + STEP_SIZE * action).astype(np.float32)
+        moved = self._position + STEP_SIZE * action
+        self._position = np.clip(moved, -BOUND, BOUND).astype(np.float32)
         reward = float(-np.linalg.norm(self._position) - CONTROL_COST * np.square(action).sum())
         return self._position.copy(), reward, False, False, {}
 
@@ -50,4 +52,8 @@ def point_mass_reward(obs: Tensor, action: Tensor, next_obs: Tensor) -> Tensor:
 def register_point_mass() -> None:
     """Register POINT_MASS_ID with Gymnasium (idempotent)."""
     if POINT_MASS_ID not in gym.registry:
-        gym.register(POINT_MASS_ID, entry_point=PointMassEnv, max_episode_steps=EPISODE_STEPS)
+        gym.register(
+            POINT_MASS_ID,
+            entry_point="envs.point_mass:PointMassEnv",
+            max_episode_steps=EPISODE_STEPS,
+        )
