@@ -6,7 +6,6 @@ from typing import Any
 
 import gymnasium as gym
 
-from envs.point_mass import register_point_mass
 from mbrl_bilevel.validation import ConfigError
 
 
@@ -17,7 +16,6 @@ def make_env(env_id: str, seed: int | None = None, **kwargs: Any) -> gym.Env:
     env is reset once with it and its spaces are seeded, so the next reset() and
     action_space.sample() are reproducible.
     """
-    register_point_mass()
     try:
         env = gym.make(env_id, **kwargs)
     except gym.error.Error as error:
