@@ -8,6 +8,7 @@ from collections.abc import Callable
 import gymnasium as gym
 import numpy as np
 from stable_baselines3 import SAC
+from stable_baselines3.common.base_class import BaseAlgorithm
 from tqdm import tqdm
 
 from mbrl_bilevel.transitions import Transitions
@@ -27,7 +28,7 @@ def random_policy(env: gym.Env) -> Policy:
     return lambda obs: env.action_space.sample()
 
 
-def sb3_policy(model, deterministic: bool = False) -> Policy:
+def sb3_policy(model: BaseAlgorithm, deterministic: bool = False) -> Policy:
     """The policy of a trained Stable-Baselines3 model; stochastic by default for data diversity."""
     return lambda obs: model.predict(obs, deterministic=deterministic)[0]
 
@@ -41,13 +42,17 @@ def collect(
 ) -> Transitions:
     """Run `policy` (default: random) for `steps` env steps, resetting when an episode ends.
 
+    With a seed, the env and its action space are seeded first; without one they continue from
+    their current state (e.g. the seed given to make_env).
+
     Returns Transitions with N = steps, observations float32. The last transition is marked
     truncated when its episode did not end, so episodes are always delimited.
     """
     if steps <= 0:
         raise ConfigError(f"the number of steps to collect must be > 0, got {steps}")
     policy = policy or random_policy(env)
-    env.action_space.seed(seed)
+    if seed is not None:
+        env.action_space.seed(seed)
     obs, _ = env.reset(seed=seed)
     rows: dict[str, list] = {
         key: [] for key in ("obs", "action", "reward", "next", "term", "trunc")

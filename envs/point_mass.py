@@ -1,9 +1,10 @@
 """A tiny 2-D point-mass task for fast agent tests: move a point to the origin.
 
 State and observation: position p in [-2, 2]^2, starting uniform in [-1, 1]^2. Action a in
-[-1, 1]^2 moves it: p' = clip(p + 0.1 a, -2, 2) (walls that random actions rarely reach). Reward -||p'|| - 0.01 ||a||^2 (dense), no termination, 50 steps per
-episode. Steering straight to the origin returns about -2 per episode; uniform random actions keep
-the point roughly where it started (about -41 on average).
+[-1, 1]^2 moves it: p' = clip(p + 0.1 a, -2, 2) (walls that random actions rarely reach).
+Reward -||p'|| - 0.01 ||a||^2 (dense), no termination, 50 steps per episode. Steering straight
+to the origin returns about -2 per episode; uniform random actions keep the point roughly where
+it started (about -41 on average).
 """
 
 from __future__ import annotations
