@@ -78,7 +78,11 @@ def check_minari_id(name: str) -> None:
 
 @contextmanager
 def minari_root(data_dir: str | Path | None) -> Iterator[Path]:
-    """Point Minari at `data_dir` (if given) for the duration; yields the root folder."""
+    """Point Minari at `data_dir` (if given) for the duration; yields the root folder.
+
+    Minari reads its root from $MINARI_DATASETS_PATH, so this sets the variable of the process
+    (not thread-safe) and restores it afterwards.
+    """
     previous = os.environ.get("MINARI_DATASETS_PATH")
     if data_dir is not None:
         os.environ["MINARI_DATASETS_PATH"] = str(Path(data_dir).resolve())

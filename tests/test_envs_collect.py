@@ -39,6 +39,8 @@ def test_collection_is_seeded(point_mass_data):
     assert_same(collect(make_env(POINT_MASS_ID), 120, seed=0, progress=False), point_mass_data)
     other = collect(make_env(POINT_MASS_ID), 120, seed=1, progress=False)
     assert not np.array_equal(other.actions, point_mass_data.actions)
+    seeded_by_make_env = [collect(make_env(POINT_MASS_ID, seed=5), 20) for _ in range(2)]
+    assert_same(*seeded_by_make_env)
 
 
 def test_collection_restarts_after_termination():
