@@ -12,6 +12,7 @@ from typing import Any
 
 import tyro
 
+from envs.collect_command import CollectConfig, run_collect
 from mbrl_bilevel.gaussian import GaussianConfig
 from mbrl_bilevel.validation import ConfigError
 
@@ -28,6 +29,7 @@ def run_gaussian(config: GaussianConfig) -> None:
 
 COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "gaussian": (GaussianConfig, run_gaussian),
+    "collect": (CollectConfig, run_collect),
 }
 
 
