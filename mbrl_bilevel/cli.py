@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import tyro
 
+from envs.collect_command import CollectConfig, run_collect
 from mbrl_bilevel.dynamics import DynamicsConfig
 from mbrl_bilevel.gaussian import GaussianConfig
 from mbrl_bilevel.train_bench import TrainBenchConfig
@@ -30,21 +31,16 @@ def run_gaussian(config: GaussianConfig) -> None:
 
 
 def load_transitions(config: DynamicsConfig):
-    """The dataset of `mbrl-bilevel dynamics`: a .npz file (dataset names and collection come
-    with the envs package)."""
-    from mbrl_bilevel.transitions import Transitions
+    """The dataset of `mbrl-bilevel dynamics`: a .npz path or a Minari id (envs' loader); with
+    no --dataset, a HalfCheetah-v5 random-policy dataset of --collect-steps transitions."""
+    from envs import make_env
+    from envs.collect import collect
+    from envs.datasets import load_transitions as load
 
-    if config.dataset is None:
-        raise ConfigError(
-            "no --dataset given, and collecting one needs the envs package, not in this build: "
-            "pass --dataset PATH.npz"
-        )
-    if config.dataset.endswith(".npz"):
-        return Transitions.load_npz(config.dataset)
-    raise ConfigError(
-        f"--dataset {config.dataset!r} is not a .npz file; dataset names need the envs package, "
-        "not in this build"
-    )
+    if config.dataset is not None:
+        return load(config.dataset)
+    print(f"no --dataset: collecting {config.collect_steps} HalfCheetah-v5 random transitions")
+    return collect(make_env("HalfCheetah-v5", seed=0), config.collect_steps, seed=0)
 
 
 def run_dynamics(config: DynamicsConfig) -> None:
@@ -98,6 +94,7 @@ def run_bench(config: BenchConfig) -> None:
 
 COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "gaussian": (GaussianConfig, run_gaussian),
+    "collect": (CollectConfig, run_collect),
     "dynamics": (DynamicsConfig, run_dynamics),
     "bench": (BenchConfig, run_bench),
 }

@@ -59,7 +59,8 @@ class DynamicsConfig:
     """The offline dynamics benchmark (`mbrl-bilevel dynamics`)."""
 
     dataset: str | None = None
-    """A .npz transition file or a dataset name; none: collect a small HalfCheetah-v5 dataset."""
+    """A .npz transition file or a Minari dataset id; none: collect a HalfCheetah-v5 random-policy
+    dataset of --collect-steps transitions."""
     strategies: str = "mse,nll,nll-beta,pg-identity,pg-scaled,pg-raw-sigma"
     """Comma-separated strategies: mse, nll, nll-beta, pg-identity, pg-scaled, pg-raw-sigma,
     pg-plugin, bilevel, bilevel-input."""

@@ -122,6 +122,14 @@ def test_dynamics_command_writes_run_folder(tmp_path, capsys, protocol):
             assert np.isfinite(numbers[key]["mean"]), (strategy, key)
 
 
+def test_without_dataset_the_command_collects_halfcheetah(tmp_path, capsys):
+    args = ["dynamics", "--collect-steps", "400", "--strategies", "nll", *TINY, "--seeds", "1"]
+    main([*args, "--steps", "10", "--out-dir", str(tmp_path), "--name", "collected"])
+    assert "collecting 400 HalfCheetah-v5 random transitions" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "collected" / "summary.json").read_text())
+    assert (summary["transitions"], summary["obs_dim"], summary["action_dim"]) == (400, 17, 6)
+
+
 def test_ensemble_learns_the_linear_system_close_to_the_noise_floor(tmp_path):
     path = tmp_path / "lin.npz"
     data = linear_system(episodes=20, length=100, noise=0.01)
