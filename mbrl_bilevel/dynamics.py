@@ -198,16 +198,23 @@ def make_loss(strategy: str, train: Dataset, config: DynamicsConfig):
 
 
 def train_strategy(
-    strategy: str, model: nn.Module, train: Dataset, val: Dataset, config: DynamicsConfig, seed: int
+    strategy: str,
+    model: nn.Module,
+    train: Dataset,
+    val: Dataset,
+    config: DynamicsConfig,
+    seed: int,
+    writer=None,
 ):
-    """Fit `model` in place with `strategy`; returns the learner's metrics."""
+    """Fit `model` in place with `strategy` (TensorBoard train/ and val/ scalars to `writer`);
+    returns the learner's metrics."""
     select_on = "rmse" if strategy == "mse" else "nll"
     if config.paper:
         fit_config = FitConfig(
             steps=config.resolved_steps(), lr=config.lr, clip_grad_norm=10.0, eval_every=50
         )
         loss = make_loss(strategy, train, config)
-        return LossLearner(loss, fit_config, progress=False).fit(model, train, None)
+        return LossLearner(loss, fit_config, writer, progress=False).fit(model, train, None)
     model.fit_normaliser(train.x, train.y)
     loss = make_loss(strategy, NormalisedTargets(model).normalise(train), config)
     fit_config = FitConfig(
@@ -219,7 +226,9 @@ def train_strategy(
         select_on=select_on,
     )
     penalty = 0.0 if strategy == "mse" else 0.01
-    learner = EnsembleLearner(loss, fit_config, penalty=penalty, seed=seed, progress=False)
+    learner = EnsembleLearner(
+        loss, fit_config, penalty=penalty, seed=seed, writer=writer, progress=False
+    )
     return learner.fit(model, train, val)
 
 
@@ -307,8 +316,9 @@ def run_seed(seed: int, config: DynamicsConfig, transitions: Transitions, tb_dir
     for strategy in config.strategy_list():
         torch.manual_seed(seed)
         model = make_model(config, data.x.shape[1], data.y.shape[1])
+        writer = SummaryWriter(f"{tb_dir}/{strategy}-seed{seed}") if tb_dir else None
         start = time.perf_counter()
-        learned = train_strategy(strategy, model, train, val, config, seed)
+        learned = train_strategy(strategy, model, train, val, config, seed, writer)
         seconds = time.perf_counter() - start
         predict = (
             homoscedastic(model, val)
@@ -323,10 +333,10 @@ def run_seed(seed: int, config: DynamicsConfig, transitions: Transitions, tb_dir
         )
         row |= {"train_seconds": seconds, "best_step": learned.get("best_step", float("nan"))}
         rows.append(row)
-        if tb_dir is not None:
-            with SummaryWriter(f"{tb_dir}/{strategy}-seed{seed}") as writer:
-                for key in METRICS:
-                    writer.add_scalar(f"test/{key}", row[key], 0)
+        if writer is not None:
+            for key in METRICS:
+                writer.add_scalar(f"test/{key}", row[key], 0)
+            writer.close()
     return rows
 
 

@@ -113,7 +113,8 @@ def test_dynamics_command_writes_run_folder(tmp_path, capsys, protocol):
     assert "run folder: " + str(run) in capsys.readouterr().out
     for name in ("config.json", "summary.json", "metrics.csv", "table.md", "plots/dynamics.png"):
         assert (run / name).is_file(), name
-    assert list((run / "tb").glob("pg-scaled-seed1/events.*"))
+    events = list((run / "tb").glob("pg-scaled-seed1/events.*"))
+    assert events and events[0].stat().st_size > 1000  # train/, val/ and test/ scalars
     summary = json.loads((run / "summary.json").read_text())
     assert list(summary["final"]) == strategies.split(",")
     for strategy, numbers in summary["final"].items():
