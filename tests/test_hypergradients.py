@@ -77,11 +77,13 @@ def test_neumann_hypergradient_approaches_the_exact_one(solved):
     problem, theta, phi, fd = solved
     top = float(torch.linalg.eigvalsh(problem.hessian(theta, phi)).max())
     errors = []
-    for terms in (10, 3000):
-        config = LinearSolverConfig(method="neumann", damping=0, max_iter=terms, neumann_step=1 / top)
+    for terms in (5, 80):
+        config = LinearSolverConfig(
+            method="neumann", damping=0, max_iter=terms, neumann_step=1 / top
+        )
         hypergradient, _, _ = implicit_hypergradient(problem, theta, phi, config)
         errors.append(rel_error(hypergradient, fd))
-    assert errors[1] < errors[0] and errors[1] < 1e-2, errors
+    assert errors[1] < errors[0] and errors[1] < 1e-4, errors
 
 
 def test_unrolled_hypergradient_agrees_as_k_grows(solved):
@@ -90,7 +92,7 @@ def test_unrolled_hypergradient_agrees_as_k_grows(solved):
     implicit, _, _ = implicit_hypergradient(problem, theta, phi, dense)
     lr = 1.0 / float(torch.linalg.eigvalsh(problem.hessian(theta, phi)).max())
     errors = []
-    for steps in (3, 30, 300):
+    for steps in (3, 30, 150):
         unrolled, theta_k = unrolled_hypergradient(problem, theta, phi, steps, lr)
         errors.append(rel_error(unrolled, implicit))
     assert errors[0] > errors[1] > errors[2], errors

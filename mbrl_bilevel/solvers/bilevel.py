@@ -47,7 +47,8 @@ class BilevelLearner:
     reward: the reward to learn, in place. objective: its differentiable J (objectives.py), with
     the entropy weight λ. method: implicit | unrolled. inner: pg (REINFORCE PGLoss with
     `generations` and `baseline`) | exact (Adam on -J); implicit only. outer_steps outer steps of
-    `inner_steps` (K) inner steps each. unroll_lr: the step size of the unrolled gradient steps.
+    `inner_steps` (K) inner steps each, after `warmup_steps` inner steps (θ near θ*(φ) before the
+    first hypergradient, which the IFT assumes; pg/exact steps also for unrolled). unroll_lr: the step size of the unrolled gradient steps.
     u_star: x [B, in] -> U*(x) when known (logged as reward/u_star_error). monitor(predictor) ->
     extra metrics per outer step. After fit, `history` holds one row per outer step.
     """
@@ -67,6 +68,7 @@ class BilevelLearner:
         baseline: str = "mean",
         linear: LinearSolverConfig | None = None,
         unroll_lr: float = 1e-2,
+        warmup_steps: int = 0,
         u_star: UStar | None = None,
         writer=None,
         monitor=None,
@@ -77,15 +79,26 @@ class BilevelLearner:
         if inner not in INNER:
             raise ConfigError(f"unknown inner steps {inner!r}; choose one of {INNER}")
         if outer_steps <= 0 or inner_steps <= 0:
-            raise ConfigError(f"outer and inner steps must be > 0, got {outer_steps}, {inner_steps}")
+            raise ConfigError(
+                f"outer and inner steps must be > 0, got {outer_steps}, {inner_steps}"
+            )
+        if warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if outer_lr_schedule not in ("constant", "cosine"):
-            raise ConfigError(f"outer_lr_schedule must be constant or cosine, not {outer_lr_schedule!r}")
-        for value, name in ((inner_lr, "inner_lr"), (outer_lr, "outer_lr"), (unroll_lr, "unroll_lr")):
+            raise ConfigError(
+                f"outer_lr_schedule must be constant or cosine, not {outer_lr_schedule!r}"
+            )
+        for value, name in (
+            (inner_lr, "inner_lr"),
+            (outer_lr, "outer_lr"),
+            (unroll_lr, "unroll_lr"),
+        ):
             check_positive(value, name)
         self.reward, self.objective, self.method = reward, objective, method
         self.outer_steps, self.inner_steps, self.inner_lr = outer_steps, inner_steps, inner_lr
         self.inner, self.generations, self.baseline = inner, generations, baseline
         self.linear, self.unroll_lr = linear or LinearSolverConfig(), unroll_lr
+        self.warmup_steps = warmup_steps
         self.u_star, self.writer, self.monitor, self.seed = u_star, writer, monitor, seed
         self.outer_optimizer = torch.optim.Adam(reward.parameters(), lr=outer_lr)
         self.schedule = (
@@ -112,6 +125,7 @@ class BilevelLearner:
         problem = BilevelProblem(predictor, self.reward, self.objective, train, val)
         inner = InnerSteps(predictor, self._inner_loss(), self.inner_lr)
         generator = torch.Generator().manual_seed(self.seed)
+        inner.run(train, self.warmup_steps, generator)
         warm = None
         for _ in range(self.outer_steps):
             row: dict[str, float] = {}

@@ -78,12 +78,16 @@ class BilevelProblem:
 
     @torch.no_grad()
     def set_theta(self, theta: torch.Tensor) -> None:
-        for (_, p), value in zip(self._theta, self._unflat(theta, self._theta, "").values()):
+        for (_, p), value in zip(
+            self._theta, self._unflat(theta, self._theta, "").values(), strict=True
+        ):
             p.copy_(value)
 
     def set_phi_grad(self, hypergradient: torch.Tensor) -> None:
         """Write a flat dF/dφ [Q] into the reward parameters' .grad (for a torch optimiser)."""
-        for (_, p), value in zip(self._phi, self._unflat(hypergradient, self._phi, "").values()):
+        for (_, p), value in zip(
+            self._phi, self._unflat(hypergradient, self._phi, "").values(), strict=True
+        ):
             p.grad = value.detach().clone()
 
     def inner_loss(self, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
@@ -180,7 +184,7 @@ def solve_inner(
         while size > 1e-8:
             candidate = theta - size * step
             value = float(problem.inner_loss(candidate, phi))
-            if value <= loss:
+            if value <= loss + 1e-12 * (1 + abs(loss)):  # rounding near the optimum
                 theta, loss = candidate, value
                 break
             size *= 0.5

@@ -64,7 +64,9 @@ def reward_diagnostics(
     row = {"reward/u_eig_min": float(eig.min()), "reward/u_eig_max": float(eig.max())}
     if u_star is not None:
         target = u_star(x)
-        error = torch.linalg.norm(U - target, dim=(-2, -1)) / torch.linalg.norm(target, dim=(-2, -1))
+        error = torch.linalg.norm(U - target, dim=(-2, -1)) / torch.linalg.norm(
+            target, dim=(-2, -1)
+        )
         row["reward/u_star_error"] = float(error.mean())
     return row
 
@@ -75,11 +77,15 @@ def matrix_entries(reward: nn.Module) -> dict[str, float]:
         return {}
     U = reward.matrix().detach()
     rows, cols = torch.triu_indices(U.shape[0], U.shape[0])
-    return {f"u_{i}{j}": float(U[i, j]) for i, j in zip(rows.tolist(), cols.tolist())}
+    return {f"u_{i}{j}": float(U[i, j]) for i, j in zip(rows.tolist(), cols.tolist(), strict=True)}
 
 
 def outer_row(
-    predictor: nn.Module, reward: nn.Module, train: Dataset, val: Dataset | None, u_star: UStar | None
+    predictor: nn.Module,
+    reward: nn.Module,
+    train: Dataset,
+    val: Dataset | None,
+    u_star: UStar | None,
 ) -> dict[str, float]:
     """outer/train_nll, outer/val_nll, val/* metrics and the reward diagnostics (on val x)."""
     row = {"outer/train_nll": evaluate(predictor, train)["nll"]}

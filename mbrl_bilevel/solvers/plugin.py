@@ -92,9 +92,19 @@ class PluginLearner:
             raise ConfigError(f"plug-in split must be train or val, got {split!r}")
         if steps <= 0 or refresh_every <= 0:
             raise ConfigError("steps and refresh_every must be > 0")
-        self.kind, self.lam, self.steps, self.refresh_every = kind, check_positive(lam, "λ"), steps, refresh_every
+        self.kind, self.lam, self.steps, self.refresh_every = (
+            kind,
+            check_positive(lam, "λ"),
+            steps,
+            refresh_every,
+        )
         self.lr, self.generations, self.baseline, self.split = lr, generations, baseline, split
-        self.max_condition, self.u_star, self.writer, self.monitor = max_condition, u_star, writer, monitor
+        self.max_condition, self.u_star, self.writer, self.monitor = (
+            max_condition,
+            u_star,
+            writer,
+            monitor,
+        )
         self.seed = seed
         self.reward: FixedMahalanobis | None = None
         self.history: list[dict[str, float]] = []
@@ -110,7 +120,9 @@ class PluginLearner:
 
     def fit(self, predictor: nn.Module, train: Dataset, val: Dataset | None) -> dict[str, float]:
         if self.split == "val" and (val is None or len(val) == 0):
-            raise ConfigError("the plug-in solver estimates Σ̂ on the held-out split, which is empty")
+            raise ConfigError(
+                "the plug-in solver estimates Σ̂ on the held-out split, which is empty"
+            )
         self.reward = FixedMahalanobis(self._estimate(predictor, train, val))
         loss = PGLoss(self.reward, self.lam, self.generations, self.baseline)
         inner = InnerSteps(predictor, loss, self.lr)
