@@ -153,7 +153,7 @@ class BilevelLearner:
                 self.schedule.step()
             self.outer_step += 1
             row = {
-                "step": float(self.outer_step * self.inner_steps),
+                "step": float(self.warmup_steps + self.outer_step * self.inner_steps),
                 "outer_step": float(self.outer_step),
                 "outer/hypergrad_norm": norm,
                 **row,

@@ -29,7 +29,7 @@ class LinearSolverConfig:
     """cg (conjugate gradients), neumann (truncated series) or dense (exact; small θ only)."""
     damping: float = 1e-4
     """δ added to the Hessian's diagonal (>= 0)."""
-    tol: float = 1e-6
+    tol: float = 1e-4
     """Stop when ‖b - A v‖ <= tol·‖b‖ (cg)."""
     max_iter: int = 50
     """Iteration cap (cg) or number of series terms (neumann)."""
@@ -69,6 +69,8 @@ def conjugate_gradient(
     while iterations < max_iter and float(rs.sqrt()) > tol * b_norm:
         Ap = matvec(p)
         curvature = p.dot(Ap)
+        if not math.isfinite(float(curvature)):
+            raise FloatingPointError(f"CG: the Hessian-vector product is not finite ({curvature})")
         if not float(curvature) > 0:
             log.warning("CG met non-positive curvature %.3g (Hessian not SPD)", float(curvature))
             break

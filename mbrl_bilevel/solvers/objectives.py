@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from mbrl_bilevel.gaussian import pg_objective
+from mbrl_bilevel.gaussian import expected_mahalanobis_reward
 from mbrl_bilevel.models import covariance
 from mbrl_bilevel.validation import ConfigError, check_positive
 
@@ -36,14 +36,16 @@ class Objective(Protocol):
 
 
 class GaussianClosedForm:
-    """J = mean_b [-(μ - y)ᵀU(μ - y) - tr(U S) + λ ½ log det(2πe S)] with U = reward.matrix_at(x)."""
+    """J = mean_b [-(μ - y)ᵀU(μ - y) - tr(U S) + λ H(N(μ, S))] with U = reward.matrix_at(x); the
+    entropy comes from the distribution (no per-input log det when S is shared by all inputs)."""
 
     def __init__(self, lam: float):
         self.lam = check_positive(lam, "entropy weight λ")
 
     def __call__(self, predictor, reward, x, y):
         dist = predictor(x)
-        return pg_objective(dist.mean, covariance(dist), y, reward.matrix_at(x), self.lam).mean()
+        expected = expected_mahalanobis_reward(dist.mean, covariance(dist), y, reward.matrix_at(x))
+        return (expected + self.lam * dist.entropy()).mean()
 
 
 class CategoricalExact:

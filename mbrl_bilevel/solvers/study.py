@@ -60,8 +60,10 @@ def validate_solver_options(config: GaussianConfig) -> None:
 def make_learner(config: GaussianConfig, problem: SyntheticGaussian, writer, monitor, seed: int):
     """The solver's learner; learned rewards start at U = I; logs reward/u_star_error."""
 
-    def u_star(x: torch.Tensor) -> torch.Tensor:
-        return optimal_reward_matrix(problem.covariance_at(x), config.lam)
+    base = optimal_reward_matrix(problem.sigma, config.lam)
+
+    def u_star(x: torch.Tensor) -> torch.Tensor:  # (λ/2)(s(x)Σ)⁻¹: [D, D] or [B, D, D]
+        return base if problem.scale_fn is None else base / problem.scale_fn(x)[:, None, None]
 
     common = dict(
         generations=config.generations,
@@ -105,19 +107,20 @@ def train_solver(
     seed: int,
 ) -> tuple[list[dict[str, float]], dict]:
     """Fit `model` with the configured solver. Returns (history rows with the study's metrics,
-    {U (None for U(x)), u_star_error, seconds})."""
+    {U (None for U(x)), u_star_error, seconds (wall), cpu_seconds (this process)})."""
     learner = make_learner(
         config, problem, writer, lambda m: closed_form_metrics(m, test, problem, None), seed
     )
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     learner.fit(model, train, val)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     reward = learner.reward
     constant = not isinstance(reward, InputDependentMahalanobis)
     return learner.history, {
         "U": reward.matrix().detach().tolist() if constant else None,
         "u_star_error": learner.history[-1]["reward/u_star_error"],
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
     }
 
 
@@ -142,6 +145,7 @@ def report_solver(config: GaussianConfig, learned: list[dict], rows: list[dict],
         save_figure(plot_u_entries(solver_rows, u_star, label), run_dir / "plots" / "u_entries.png")
     mean, std = mean_std(errors)
     seconds = mean_std([entry["seconds"] for entry in learned])
+    cpu_seconds = mean_std([entry["cpu_seconds"] for entry in learned])
     return {
         "label": label,
         "U_learned": [entry["U"] for entry in learned],
@@ -153,4 +157,6 @@ def report_solver(config: GaussianConfig, learned: list[dict], rows: list[dict],
         + (" averaged over held-out x" if u_star is None else ""),
         "fit_seconds_mean": seconds[0],
         "fit_seconds_std": seconds[1],
+        "fit_cpu_seconds_mean": cpu_seconds[0],
+        "fit_cpu_seconds_std": cpu_seconds[1],
     }
