@@ -12,6 +12,7 @@ from typing import Any
 
 import tyro
 
+from mbrl_bilevel.bench import BenchConfig
 from mbrl_bilevel.gaussian import GaussianConfig
 from mbrl_bilevel.validation import ConfigError
 
@@ -26,8 +27,15 @@ def run_gaussian(config: GaussianConfig) -> None:
     print(f"run folder: {run_dir}")
 
 
+def run_bench(config: BenchConfig) -> None:
+    from mbrl_bilevel.bench import run_bench as run
+
+    print(run(config))
+
+
 COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "gaussian": (GaussianConfig, run_gaussian),
+    "bench": (BenchConfig, run_bench),
 }
 
 

@@ -4,7 +4,8 @@
     outer:  F(φ)  = NLL(θ*(φ)) on the held-out split (per-sample mean, lower is better)
 
 Implicit (IFT): dF/dφ = -∇²_φθ L · v with (∇²_θθ L + δI) v = ∇_θ NLL, solved from Hessian-vector
-products (forward-over-reverse) by CG, a Neumann series, or a dense solve.
+products (torch.func.vjp of ∇_θ L, one graph per outer step) by CG, a Neumann series, or a dense
+solve.
 Unrolled: θ_K = K gradient steps θ ← θ - η ∇_θ L from θ_0, F = NLL(θ_K), differentiated in φ.
 
 θ [P] and φ [Q] are flat vectors; `BilevelProblem` maps them to the modules' parameters.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jacfwd, jvp
+from torch.func import functional_call, grad, jacfwd, vjp
 
 from mbrl_bilevel.data import Dataset
 from mbrl_bilevel.solvers.linear import (
@@ -106,17 +107,15 @@ class BilevelProblem:
         """∇_θ L [P]."""
         return grad(self.inner_loss)(theta, phi)
 
-    def hvp(self, theta: torch.Tensor, phi: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """∇²_θθ L · v [P] (forward-over-reverse)."""
-        return jvp(lambda t: self.inner_grad(t, phi), (theta,), (v,))[1]
+    def second_order(self, theta: torch.Tensor, phi: torch.Tensor):
+        """v [P] -> (∇²_θθ L · v [P], ∇²_φθ L · v [Q]): reverse-over-reverse products that reuse one
+        graph of ∇_θ L at (θ, φ) for every v (the Hessian is symmetric, so vᵀH = Hv)."""
+        _, pullback = vjp(self.inner_grad, theta, phi)
+        return pullback
 
     def hessian(self, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
         """∇²_θθ L [P, P] (small problems only)."""
         return jacfwd(lambda t: self.inner_grad(t, phi))(theta)
-
-    def cross(self, theta: torch.Tensor, phi: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """∇²_φθ L · v = ∇_φ <∇_θ L, v> [Q]."""
-        return grad(lambda p: self.inner_grad(theta, p).dot(v))(phi)
 
 
 def implicit_hypergradient(
@@ -129,9 +128,10 @@ def implicit_hypergradient(
     """dF/dφ [Q] by the IFT at θ (assumed ≈ θ*(φ)). Returns (hypergradient, v [P], SolveInfo);
     pass the returned v as `warm` at the next call to warm-start CG."""
     rhs = grad(problem.outer_loss)(theta)
+    products = problem.second_order(theta, phi)
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
-        return problem.hvp(theta, phi, v) + config.damping * v
+        return products(v)[0] + config.damping * v
 
     if config.method == "cg":
         v, info = conjugate_gradient(
@@ -143,7 +143,7 @@ def implicit_hypergradient(
         hessian = problem.hessian(theta, phi)
         v, info = dense_solve(hessian + config.damping * torch.eye(len(theta)).to(hessian), rhs)
     check_solution(v, info, config)
-    return -problem.cross(theta, phi, v), v, info
+    return -products(v)[1], v, info
 
 
 def unrolled_hypergradient(
