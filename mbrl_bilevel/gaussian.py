@@ -222,6 +222,8 @@ class GaussianConfig:
     """Adam learning rate of the reward parameters (cosine-decayed over the outer steps)."""
     linear_solver: str = "cg"
     """IFT linear solver: cg, neumann or dense."""
+    damping: float = 1e-4
+    """δ in the IFT system (∇²_θθ(-J) + δI) v = ∇_θ NLL; raise it for MLP predictors."""
     unroll_lr: float = 0.05
     """Step size of the unrolled solver's differentiable inner gradient steps."""
     val_inputs: int = 0

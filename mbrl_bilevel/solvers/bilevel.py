@@ -8,6 +8,7 @@ whose state persists across outer steps and across calls of `fit`.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -25,6 +26,7 @@ from mbrl_bilevel.solvers.linear import LinearSolverConfig
 from mbrl_bilevel.solvers.objectives import Objective
 from mbrl_bilevel.validation import ConfigError, check_positive
 
+log = logging.getLogger(__name__)
 METHODS = ("implicit", "unrolled")
 INNER = ("pg", "exact")
 
@@ -63,6 +65,7 @@ class BilevelLearner:
         inner_lr: float = 1e-2,
         outer_lr: float = 1e-2,
         outer_lr_schedule: str = "constant",
+        inner_lr_schedule: str = "constant",
         inner: str = "pg",
         generations: int = 5,
         baseline: str = "mean",
@@ -84,10 +87,11 @@ class BilevelLearner:
             )
         if warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if outer_lr_schedule not in ("constant", "cosine"):
-            raise ConfigError(
-                f"outer_lr_schedule must be constant or cosine, not {outer_lr_schedule!r}"
-            )
+        for schedule in (outer_lr_schedule, inner_lr_schedule):
+            if schedule not in ("constant", "cosine"):
+                raise ConfigError(
+                    f"learning-rate schedules are constant or cosine, not {schedule!r}"
+                )
         for value, name in (
             (inner_lr, "inner_lr"),
             (outer_lr, "outer_lr"),
@@ -98,7 +102,7 @@ class BilevelLearner:
         self.outer_steps, self.inner_steps, self.inner_lr = outer_steps, inner_steps, inner_lr
         self.inner, self.generations, self.baseline = inner, generations, baseline
         self.linear, self.unroll_lr = linear or LinearSolverConfig(), unroll_lr
-        self.warmup_steps = warmup_steps
+        self.warmup_steps, self.inner_lr_schedule = warmup_steps, inner_lr_schedule
         self.u_star, self.writer, self.monitor, self.seed = u_star, writer, monitor, seed
         self.outer_optimizer = torch.optim.Adam(reward.parameters(), lr=outer_lr)
         self.schedule = (
@@ -123,7 +127,9 @@ class BilevelLearner:
         if len(train) == 0:
             raise ConfigError("the training split is empty")
         problem = BilevelProblem(predictor, self.reward, self.objective, train, val)
-        inner = InnerSteps(predictor, self._inner_loss(), self.inner_lr)
+        total = self.warmup_steps + self.outer_steps * self.inner_steps
+        cosine = total if self.inner_lr_schedule == "cosine" else None
+        inner = InnerSteps(predictor, self._inner_loss(), self.inner_lr, cosine_steps=cosine)
         generator = torch.Generator().manual_seed(self.seed)
         inner.run(train, self.warmup_steps, generator)
         warm = None
@@ -131,10 +137,19 @@ class BilevelLearner:
             row: dict[str, float] = {}
             if self.method == "implicit":
                 inner.run(train, self.inner_steps, generator)
-                hypergradient, warm, info = implicit_hypergradient(
+                hypergradient, v, info = implicit_hypergradient(
                     problem, problem.theta(), problem.phi(), self.linear, warm
                 )
+                warm = v if info.converged else None  # never warm-start from a failed solve
                 row = {"solver/residual": info.residual, "solver/iterations": info.iterations}
+                if info.residual >= 1.0:  # no better than v = 0: the hypergradient is noise
+                    log.warning(
+                        "outer step %d skipped: the linear solve's relative residual is %.3g "
+                        "(the Hessian of -J is not positive definite here; raise the damping)",
+                        self.outer_step + 1,
+                        info.residual,
+                    )
+                    hypergradient = torch.zeros_like(hypergradient)
             else:
                 hypergradient, theta = unrolled_hypergradient(
                     problem, problem.theta(), problem.phi(), self.inner_steps, self.unroll_lr

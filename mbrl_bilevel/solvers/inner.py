@@ -16,7 +16,8 @@ UStar = Callable[[torch.Tensor], torch.Tensor]
 
 class InnerSteps:
     """Adam on `loss` (e.g. PGLoss) for a predictor, keeping the optimiser state across calls of
-    `run` (the outer loop warm-starts θ and its moments)."""
+    `run` (the outer loop warm-starts θ and its moments). With `cosine_steps`, the learning rate
+    decays to 0 over that many steps (PG noise in θ, hence in S, then fades)."""
 
     def __init__(
         self,
@@ -25,11 +26,17 @@ class InnerSteps:
         lr: float,
         clip_grad_norm: float | None = None,
         batch_size: int | None = None,
+        cosine_steps: int | None = None,
     ):
         self.predictor, self.loss = predictor, loss
         self.params = [p for p in predictor.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=lr)
         self.clip_grad_norm, self.batch_size = clip_grad_norm, batch_size
+        self.schedule = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cosine_steps)
+            if cosine_steps
+            else None
+        )
 
     def run(self, train: Dataset, steps: int, generator: torch.Generator) -> dict[str, float]:
         """`steps` Adam steps on minibatches of `train`; returns the last step's metrics."""
@@ -48,6 +55,8 @@ class InnerSteps:
             if self.clip_grad_norm is not None:
                 nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm)
             self.optimizer.step()
+            if self.schedule is not None:
+                self.schedule.step()
             metrics = {"loss": value.item(), **metrics}
         return metrics
 
