@@ -163,19 +163,23 @@ class OneHotReward(nn.Module):
 
 def make_mahalanobis(kind: str, initial: torch.Tensor, in_dim: int = 0) -> MahalanobisReward:
     """Build a reward of `kind` in {fixed, scalar, diag, full, input} starting at U = initial
-    [D, D]; `input` (U(x)) needs the input dimension `in_dim`."""
+    [D, D], with parameters of initial's dtype; `input` (U(x)) needs the input dimension."""
     check_spd(initial, "initial reward matrix U")
     dim = initial.shape[0]
     if kind == "input":
         if in_dim <= 0:
             raise ConfigError(f"an input-dependent reward needs in_dim > 0, got {in_dim}")
-        return InputDependentMahalanobis(in_dim, initial).to(initial.dtype)
-    if kind == "fixed":
-        return FixedMahalanobis(initial)
-    if kind == "scalar":
-        return ScalarMahalanobis(dim, float(initial.diagonal().mean()))
-    if kind == "diag":
-        return DiagonalMahalanobis(initial.diagonal().clone())
-    if kind == "full":
-        return CholeskyMahalanobis(initial)
-    raise ConfigError(f"unknown reward kind {kind!r}; choose fixed, scalar, diag, full or input")
+        reward = InputDependentMahalanobis(in_dim, initial)
+    elif kind == "fixed":
+        reward = FixedMahalanobis(initial)
+    elif kind == "scalar":
+        reward = ScalarMahalanobis(dim, float(initial.diagonal().mean()))
+    elif kind == "diag":
+        reward = DiagonalMahalanobis(initial.diagonal().clone())
+    elif kind == "full":
+        reward = CholeskyMahalanobis(initial)
+    else:
+        raise ConfigError(
+            f"unknown reward kind {kind!r}; choose fixed, scalar, diag, full or input"
+        )
+    return reward.to(initial.dtype)
