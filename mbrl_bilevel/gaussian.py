@@ -379,7 +379,7 @@ def run_seed(seed: int, config: GaussianConfig, tb_dir: str | None = None):
         label = f"{config.solver}-{config.reward}"
         writer = SummaryWriter(f"{tb_dir}/{label}-seed{seed}") if tb_dir else None
         rows, learned = train_solver(
-            copy.deepcopy(initial), train, val, test, problem, config, writer, seed
+            copy.deepcopy(initial), train, val, test, problem, config, writer
         )
         if writer is not None:
             writer.close()

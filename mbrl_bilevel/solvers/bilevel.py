@@ -75,7 +75,6 @@ class BilevelLearner:
         u_star: UStar | None = None,
         writer=None,
         monitor=None,
-        seed: int = 0,
     ):
         if method not in METHODS:
             raise ConfigError(f"unknown bilevel method {method!r}; choose one of {METHODS}")
@@ -103,7 +102,7 @@ class BilevelLearner:
         self.inner, self.generations, self.baseline = inner, generations, baseline
         self.linear, self.unroll_lr = linear or LinearSolverConfig(), unroll_lr
         self.warmup_steps, self.inner_lr_schedule = warmup_steps, inner_lr_schedule
-        self.u_star, self.writer, self.monitor, self.seed = u_star, writer, monitor, seed
+        self.u_star, self.writer, self.monitor = u_star, writer, monitor
         self.outer_optimizer = torch.optim.Adam(reward.parameters(), lr=outer_lr)
         self.schedule = (
             torch.optim.lr_scheduler.CosineAnnealingLR(self.outer_optimizer, outer_steps)
@@ -130,13 +129,12 @@ class BilevelLearner:
         total = self.warmup_steps + self.outer_steps * self.inner_steps
         cosine = total if self.inner_lr_schedule == "cosine" else None
         inner = InnerSteps(predictor, self._inner_loss(), self.inner_lr, cosine_steps=cosine)
-        generator = torch.Generator().manual_seed(self.seed)
-        inner.run(train, self.warmup_steps, generator)
+        inner.run(train, self.warmup_steps)
         warm = None
         for _ in range(self.outer_steps):
             row: dict[str, float] = {}
             if self.method == "implicit":
-                inner.run(train, self.inner_steps, generator)
+                inner.run(train, self.inner_steps)
                 hypergradient, v, info = implicit_hypergradient(
                     problem, problem.theta(), problem.phi(), self.linear, warm
                 )

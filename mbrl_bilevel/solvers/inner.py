@@ -24,36 +24,26 @@ class InnerSteps:
         predictor: nn.Module,
         loss: Loss,
         lr: float,
-        clip_grad_norm: float | None = None,
-        batch_size: int | None = None,
         cosine_steps: int | None = None,
     ):
         self.predictor, self.loss = predictor, loss
         self.params = [p for p in predictor.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=lr)
-        self.clip_grad_norm, self.batch_size = clip_grad_norm, batch_size
         self.schedule = (
             torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cosine_steps)
             if cosine_steps
             else None
         )
 
-    def run(self, train: Dataset, steps: int, generator: torch.Generator) -> dict[str, float]:
-        """`steps` Adam steps on minibatches of `train`; returns the last step's metrics."""
+    def run(self, train: Dataset, steps: int) -> dict[str, float]:
+        """`steps` full-batch Adam steps on `train`; returns the last step's metrics."""
         metrics: dict[str, float] = {}
-        batches = iter(())
         for step in range(steps):
-            batch = next(batches, None)
-            if batch is None:
-                batches = train.batches(self.batch_size, generator)
-                batch = next(batches)
-            value, metrics = self.loss(self.predictor, batch.x, batch.y)
+            value, metrics = self.loss(self.predictor, train.x, train.y)
             if not torch.isfinite(value):
                 raise FloatingPointError(f"inner loss became {value.item()} at inner step {step}")
             self.optimizer.zero_grad(set_to_none=True)
             value.backward()
-            if self.clip_grad_norm is not None:
-                nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm)
             self.optimizer.step()
             if self.schedule is not None:
                 self.schedule.step()

@@ -84,7 +84,6 @@ class PluginLearner:
         u_star: UStar | None = None,
         writer=None,
         monitor=None,
-        seed: int = 0,
     ):
         if kind not in PLUGIN_KINDS:
             raise ConfigError(f"unknown plug-in kind {kind!r}; choose one of {PLUGIN_KINDS}")
@@ -105,7 +104,6 @@ class PluginLearner:
             writer,
             monitor,
         )
-        self.seed = seed
         self.reward: FixedMahalanobis | None = None
         self.history: list[dict[str, float]] = []
 
@@ -126,12 +124,11 @@ class PluginLearner:
         self.reward = FixedMahalanobis(self._estimate(predictor, train, val))
         loss = PGLoss(self.reward, self.lam, self.generations, self.baseline)
         inner = InnerSteps(predictor, loss, self.lr)
-        generator = torch.Generator().manual_seed(self.seed)
         fixed = self.kind in ("identity", "raw-scalar", "raw-full")
         done = 0
         while done < self.steps:
             steps = min(self.refresh_every, self.steps - done)
-            inner.run(train, steps, generator)
+            inner.run(train, steps)
             done += steps
             if not fixed:
                 self.reward.U.copy_(self._estimate(predictor, train, val))

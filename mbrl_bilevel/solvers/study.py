@@ -57,7 +57,7 @@ def validate_solver_options(config: GaussianConfig) -> None:
         raise ConfigError(f"unknown --inner {config.inner!r}; choose one of {INNER}")
 
 
-def make_learner(config: GaussianConfig, problem: SyntheticGaussian, writer, monitor, seed: int):
+def make_learner(config: GaussianConfig, problem: SyntheticGaussian, writer, monitor):
     """The solver's learner; learned rewards start at U = I; logs reward/u_star_error."""
 
     base = optimal_reward_matrix(problem.sigma, config.lam)
@@ -71,7 +71,6 @@ def make_learner(config: GaussianConfig, problem: SyntheticGaussian, writer, mon
         u_star=u_star,
         writer=writer,
         monitor=monitor,
-        seed=seed,
     )
     if config.solver == "plugin":
         return PluginLearner(
@@ -105,12 +104,11 @@ def train_solver(
     problem: SyntheticGaussian,
     config: GaussianConfig,
     writer,
-    seed: int,
 ) -> tuple[list[dict[str, float]], dict]:
     """Fit `model` with the configured solver. Returns (history rows with the study's metrics,
     {U (None for U(x)), u_star_error, seconds (wall), cpu_seconds (this process)})."""
     learner = make_learner(
-        config, problem, writer, lambda m: closed_form_metrics(m, test, problem, None), seed
+        config, problem, writer, lambda m: closed_form_metrics(m, test, problem, None)
     )
     start, cpu_start = time.perf_counter(), time.process_time()
     learner.fit(model, train, val)
