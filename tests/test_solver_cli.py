@@ -69,6 +69,6 @@ def test_bench_solvers_prints_ratios(tmp_path, capsys):
         + ["--out-dir", str(tmp_path), "--name", "b"]
     )
     out = capsys.readouterr().out
-    assert "ratio to one inner PG step" in out and "implicit, CG x2" in out
+    assert "ratio to one inner PG step" in out and "implicit hypergradient, CG x2" in out
     rows = json.loads((tmp_path / "b" / "summary.json").read_text())["rows"]
     assert rows[0]["ratio_to_inner_step"] == 1.0 and all(r["median_ms"] > 0 for r in rows)
