@@ -12,6 +12,7 @@ from typing import Any
 
 import tyro
 
+from envs.collect_command import CollectConfig, run_collect
 from mbrl_bilevel.bench import BenchConfig
 from mbrl_bilevel.gaussian import GaussianConfig
 from mbrl_bilevel.validation import ConfigError
@@ -36,6 +37,7 @@ def run_bench(config: BenchConfig) -> None:
 COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "gaussian": (GaussianConfig, run_gaussian),
     "bench": (BenchConfig, run_bench),
+    "collect": (CollectConfig, run_collect),
 }
 
 
