@@ -318,3 +318,25 @@ def test_a_diverging_inner_loop_raises_not_nan(sigma3):
     learner = BilevelLearner(reward, GaussianClosedForm(LAM), outer_steps=1, inner_steps=1)
     with pytest.raises(FloatingPointError, match="inner loss"):
         learner.fit(model, train, val)
+
+
+def test_outer_step_with_a_failed_linear_solve_is_skipped(sigma3, caplog):
+    """An objective whose -J is concave in θ: CG meets negative curvature at once (residual 1),
+    so the outer step is skipped with a warning and U does not move."""
+
+    class Concave:
+        lam = LAM
+
+        def __call__(self, predictor, reward, x, y):
+            return predictor(x).mean.pow(2).mean() * reward.matrix().trace()
+
+    train, val = gaussian_data(sigma3, n=50)
+    torch.manual_seed(0)
+    model = LinearGaussian(3, 3).double()
+    reward = make_mahalanobis("full", torch.eye(3, dtype=torch.float64))
+    learner = BilevelLearner(reward, Concave(), outer_steps=2, inner_steps=1, inner_lr=1e-6)
+    before = reward.matrix().detach().clone()
+    with caplog.at_level(logging.WARNING):
+        learner.fit(model, train, val)
+    assert "skipped" in caplog.text and "non-positive curvature" in caplog.text
+    assert torch.equal(reward.matrix().detach(), before)

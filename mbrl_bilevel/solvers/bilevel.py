@@ -133,6 +133,7 @@ class BilevelLearner:
         warm = None
         for _ in range(self.outer_steps):
             row: dict[str, float] = {}
+            skip = False
             if self.method == "implicit":
                 inner.run(train, self.inner_steps)
                 hypergradient, v, info = implicit_hypergradient(
@@ -140,28 +141,29 @@ class BilevelLearner:
                 )
                 warm = v if info.converged else None  # never warm-start from a failed solve
                 row = {"solver/residual": info.residual, "solver/iterations": info.iterations}
-                if info.residual >= 1.0:  # no better than v = 0: the hypergradient is noise
+                skip = info.residual >= 1.0  # no better than v = 0: the hypergradient is noise
+                if skip:
                     log.warning(
                         "outer step %d skipped: the linear solve's relative residual is %.3g "
                         "(the Hessian of -J is not positive definite here; raise the damping)",
                         self.outer_step + 1,
                         info.residual,
                     )
-                    hypergradient = torch.zeros_like(hypergradient)
             else:
                 hypergradient, theta = unrolled_hypergradient(
                     problem, problem.theta(), problem.phi(), self.inner_steps, self.unroll_lr
                 )
                 problem.set_theta(theta)
             norm = float(hypergradient.norm())
-            if not math.isfinite(norm):
+            if not skip and not math.isfinite(norm):
                 raise FloatingPointError(
                     f"the {self.method} hypergradient is not finite at outer step "
                     f"{self.outer_step + 1}; lower the learning rates or raise damping"
                 )
-            self.outer_optimizer.zero_grad(set_to_none=True)
-            problem.set_phi_grad(hypergradient)
-            self.outer_optimizer.step()
+            if not skip:  # a skipped step leaves φ and the Adam moments untouched
+                self.outer_optimizer.zero_grad(set_to_none=True)
+                problem.set_phi_grad(hypergradient)
+                self.outer_optimizer.step()
             if self.schedule is not None:
                 self.schedule.step()
             self.outer_step += 1
