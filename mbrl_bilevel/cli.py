@@ -13,6 +13,7 @@ from typing import Any
 import tyro
 
 from mbrl_bilevel.gaussian import GaussianConfig
+from mbrl_bilevel.tabular.study import TabularConfig
 from mbrl_bilevel.validation import ConfigError
 
 
@@ -26,8 +27,18 @@ def run_gaussian(config: GaussianConfig) -> None:
     print(f"run folder: {run_dir}")
 
 
+def run_tabular(config: TabularConfig) -> None:
+    from mbrl_bilevel.tabular.study import run_study
+
+    run_dir, summary, table = run_study(config)
+    print(f"\nTabular study, {config.seeds} seeds, test metrics (mean ± std):\n")
+    print(table)
+    print(f"\nrun folder: {run_dir} ({summary['seconds']:.0f} s)")
+
+
 COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "gaussian": (GaussianConfig, run_gaussian),
+    "tabular": (TabularConfig, run_tabular),
 }
 
 
