@@ -14,20 +14,24 @@ Every method gets the same budget of `steps` PG/NLL steps and returns the final 
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributions import Distribution, OneHotCategorical
+from torch.nn import functional as F
 
 from mbrl_bilevel.data import Dataset
 from mbrl_bilevel.losses import NLLLoss, PGLoss
 from mbrl_bilevel.models import CategoricalLogistic, CategoricalMLP
-from mbrl_bilevel.rewards import FixedMahalanobis, OneHotReward
+from mbrl_bilevel.rewards import FixedMahalanobis, OneHotReward, make_mahalanobis
 from mbrl_bilevel.tabular.data import Splits
-from mbrl_bilevel.tabular.metrics import evaluate_classifier
-from mbrl_bilevel.training import FitConfig, fit
+from mbrl_bilevel.training import FitConfig, evaluate, fit
+from mbrl_bilevel.validation import ConfigError
 
 METHODS = ("nll", "pg", "pg-star", "pg-plugin", "bilevel")
+SOLVER_METHODS = ("pg-plugin", "bilevel")
 MODELS = ("logistic", "mlp")
 
 
@@ -47,6 +51,20 @@ class MethodOptions:
     inner_steps: int = 20
     outer_lr: float = 0.05
     refresh_every: int = 20
+
+
+def check_solvers_available(methods: list[str]) -> None:
+    """Raise ConfigError if a method needs mbrl_bilevel.solvers (issue 3) and it is missing."""
+    wanted = [m for m in methods if m in SOLVER_METHODS]
+    try:
+        found = importlib.util.find_spec("mbrl_bilevel.solvers.bilevel") is not None
+    except ModuleNotFoundError:
+        found = False
+    if wanted and not found:
+        raise ConfigError(
+            f"methods {wanted} need the reward solvers of issue 3 (mbrl_bilevel.solvers), which "
+            "this build does not have; choose among nll, pg, pg-star"
+        )
 
 
 def make_model(kind: str, in_dim: int, num_classes: int, hidden: tuple[int, ...]) -> nn.Module:
@@ -77,8 +95,7 @@ def curve_monitor(val: Dataset):
     """monitor(predictor) -> held-out accuracy and NLL for the learning curves."""
 
     def monitor(predictor: nn.Module) -> dict[str, float]:
-        metrics = evaluate_classifier(predictor, val)
-        return {"curve/accuracy": metrics["accuracy"], "curve/nll": metrics["nll"]}
+        return {f"curve/{key}": value for key, value in evaluate(predictor, val).items()}
 
     return monitor
 
@@ -95,7 +112,7 @@ def train_method(
     final reward scale β = mean diag U, None for nll)."""
     num_classes = predictor.num_classes
     monitor = curve_monitor(splits.val)
-    if method in ("pg-plugin", "bilevel"):
+    if method in SOLVER_METHODS:
         return _train_with_solver(method, predictor, splits, options, seed, writer, monitor)
     if method == "nll":
         loss, beta = NLLLoss(), None
@@ -127,5 +144,59 @@ def train_method(
     return result.history, beta
 
 
+class OneHotView(nn.Module):
+    """The same predictor seen as a distribution over one-hot vectors (OneHotCategorical): its
+    mean is p_θ(·|x), so the plug-in's residuals y - μ_θ(x) are e_y - p_θ(·|x), and a Mahalanobis
+    reward on its samples is the one-hot reward."""
+
+    def __init__(self, predictor: nn.Module):
+        super().__init__()
+        self.predictor = predictor
+
+    def forward(self, x: torch.Tensor) -> Distribution:
+        return OneHotCategorical(logits=self.predictor(x).logits, validate_args=False)
+
+
+def one_hot_targets(data: Dataset, num_classes: int) -> Dataset:
+    """The split with labels y [N] replaced by one-hot vectors [N, C]."""
+    return Dataset(data.x, F.one_hot(data.y, num_classes).to(data.x.dtype))
+
+
 def _train_with_solver(method, predictor, splits, options, seed, writer, monitor):
-    raise NotImplementedError(f"{method} needs the solvers of issue 3")
+    """pg-plugin and bilevel through the learners of mbrl_bilevel.solvers (issue 3)."""
+    from mbrl_bilevel.solvers.bilevel import BilevelLearner
+    from mbrl_bilevel.solvers.objectives import CategoricalExact
+    from mbrl_bilevel.solvers.plugin import PluginLearner
+
+    num_classes = predictor.num_classes
+    common = dict(generations=options.generations, baseline=options.baseline, seed=seed)
+    if method == "pg-plugin":
+        learner = PluginLearner(
+            "scalar",
+            options.lam,
+            options.steps,
+            refresh_every=options.refresh_every,
+            lr=options.lr,
+            split="val",
+            writer=writer,
+            monitor=lambda view: monitor(view.predictor),
+            **common,
+        )
+        train, val = (one_hot_targets(d, num_classes) for d in (splits.train, splits.val))
+        learner.fit(OneHotView(predictor), train, val)
+        return learner.history, float(learner.reward.matrix().diagonal().mean().detach())
+    initial = beta_star(splits.train.y, num_classes, options.lam) * torch.eye(num_classes)
+    reward = OneHotReward(make_mahalanobis(options.bilevel_reward, initial))
+    learner = BilevelLearner(
+        reward,
+        CategoricalExact(options.lam),
+        outer_steps=max(1, options.steps // options.inner_steps),
+        inner_steps=options.inner_steps,
+        inner_lr=options.lr,
+        outer_lr=options.outer_lr,
+        writer=writer,
+        monitor=monitor,
+        **common,
+    )
+    learner.fit(predictor, splits.train, splits.val)
+    return learner.history, float(reward.matrix().diagonal().mean().detach())

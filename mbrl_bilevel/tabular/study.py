@@ -17,6 +17,7 @@ from mbrl_bilevel.tabular.methods import (
     MODELS,
     MethodOptions,
     beta_star,
+    check_solvers_available,
     make_model,
     train_method,
 )
@@ -85,6 +86,7 @@ class TabularConfig:
         unknown = sorted(set(methods) - set(METHODS))
         if unknown or not methods:
             raise ConfigError(f"unknown methods {unknown or methods}; choose from {METHODS}")
+        check_solvers_available(methods)
         return methods
 
     def options(self) -> MethodOptions:
