@@ -42,3 +42,9 @@ def test_beta_star_from_class_frequencies():
     balanced = torch.tensor([0, 1] * 50)
     assert beta_star(balanced, 2, lam=1.0) == pytest.approx(2 / (2 * 100 / 99 * 0.5))
     assert math.isfinite(beta_star(balanced, 2, lam=1.0))
+
+
+def test_roc_auc_is_nan_when_a_class_is_absent():
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]])
+    m = classification_metrics(probs, np.array([0, 1]))
+    assert math.isnan(m["roc_auc"]) and m["accuracy"] == 1.0

@@ -27,12 +27,14 @@ def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15)
 
 def classification_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """accuracy, nll (nats/sample), ece (15 bins), macro_f1 and roc_auc (binary, or macro
-    one-vs-rest for more classes) from probs [N, C] and labels y [N]."""
+    one-vs-rest for more classes; NaN if a class is absent) from probs [N, C] and labels y [N]."""
     num_classes = probs.shape[1]
     labels = np.arange(num_classes)
     probs = probs / probs.sum(1, keepdims=True)  # float32 rounding; sklearn checks the sums
     prediction = probs.argmax(1)
-    if num_classes == 2:
+    if len(np.unique(y)) < num_classes:
+        auc = float("nan")  # undefined when a class is absent from the split
+    elif num_classes == 2:
         auc = roc_auc_score(y, probs[:, 1])
     else:
         auc = roc_auc_score(y, probs, multi_class="ovr", labels=labels)

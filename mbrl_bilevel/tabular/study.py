@@ -250,12 +250,18 @@ def run_study(config: TabularConfig, datasets: list[TabularData] | None = None):
             ["curve/accuracy", "curve/nll"],
             "method",
             titles=[f"{name}: held-out accuracy", f"{name}: held-out NLL (nats)"],
+            log_y=[False, True],
         )
         save_figure(figure, run_dir / "plots" / f"{name}_curves.png")
     by_dataset = [{**row, row["dataset"]: row["curve/nll"]} for row in curves]
     names = list(group_by(curves, "dataset"))
     figure = plot_curves(
-        by_dataset, "step", names, "method", titles=[f"{n}: held-out NLL" for n in names]
+        by_dataset,
+        "step",
+        names,
+        "method",
+        titles=[f"{n}: held-out NLL (nats)" for n in names],
+        log_y=[True] * len(names),
     )
     save_figure(figure, run_dir / "plots" / "tabular_nll.png")
     summary = {
