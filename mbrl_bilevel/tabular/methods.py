@@ -45,7 +45,7 @@ class MethodOptions:
     baseline: str = "mean"
     steps: int = 300
     lr: float = 0.04
-    batch_size: int | None = 128
+    batch_size: int | None = None
     eval_every: int = 10
     bilevel_reward: str = "scalar"
     inner_steps: int = 20

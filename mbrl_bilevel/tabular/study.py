@@ -4,6 +4,7 @@ metrics as mean ± std over seeds, learning curves, and the run folder."""
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from mbrl_bilevel.tabular.data import BUNDLED, IMPUTE, TabularData, load, split
 from mbrl_bilevel.tabular.methods import (
     METHODS,
     MODELS,
+    SOLVER_METHODS,
     MethodOptions,
     beta_star,
     check_solvers_available,
@@ -58,8 +60,9 @@ class TabularConfig:
     """Gradient steps per method (the reference's 30 epochs are ~270 steps on digits)."""
     lr: float = 0.04
     """Adam learning rate."""
-    batch_size: int | None = 128
-    """Minibatch size; None for full batches."""
+    batch_size: int | None = None
+    """Minibatch size of nll, pg and pg-star; None (full batches, as the solvers' learners of
+    pg-plugin and bilevel use) keeps every method on the same data per step."""
     eval_every: int = 10
     """Record the learning curves every this many steps."""
     val_fraction: float = 0.2
@@ -87,6 +90,10 @@ class TabularConfig:
         if unknown or not methods:
             raise ConfigError(f"unknown methods {unknown or methods}; choose from {METHODS}")
         check_solvers_available(methods)
+        if self.batch_size is not None and set(methods) & set(SOLVER_METHODS):
+            raise ConfigError(
+                "pg-plugin and bilevel train on full batches; drop --batch-size or those methods"
+            )
         return methods
 
     def options(self) -> MethodOptions:
@@ -152,6 +159,8 @@ def run_one(index: int, config: TabularConfig, datasets: list[TabularData], tb_d
     Returns (final rows {dataset, method, seed, test metrics, beta, seconds}, curve rows).
     """
     torch.set_num_threads(config.threads)
+    # CG residuals and plug-in shrinkage go to curves.csv (solver/residual) instead of stderr
+    logging.getLogger("mbrl_bilevel.solvers").setLevel(logging.ERROR)
     data, seed = datasets[index // config.seeds], index % config.seeds
     splits = split(data, seed, config.val_fraction, config.test_fraction)
     torch.manual_seed(seed)
@@ -186,23 +195,32 @@ def describe(data: TabularData, lam: float) -> dict:
     }
 
 
-def acceptance(numbers: dict[str, dict[str, dict[str, dict[str, float]]]]) -> dict:
-    """Per dataset: test-accuracy gap (percentage points) of pg-star and bilevel to nll, and
-    whether pg-star's test NLL beats pg's."""
-    checks = {}
-    for name, methods in numbers.items():
-        row = {}
-        if "nll" in methods:
-            for method in ("pg-star", "bilevel"):
-                if method in methods:
-                    gap = methods[method]["accuracy"]["mean"] - methods["nll"]["accuracy"]["mean"]
-                    row[f"{method}_accuracy_gap_pp"] = 100 * gap
-        if "pg-star" in methods and "pg" in methods:
-            row["pg_star_nll_beats_pg"] = (
-                methods["pg-star"]["nll"]["mean"] < methods["pg"]["nll"]["mean"]
-            )
-        checks[name] = row
-    return checks
+def paired_gap(rows: list[dict], a: str, b: str, metric: str, scale: float = 1.0) -> dict | None:
+    """Mean and std over seeds of scale·(metric of method a - metric of method b), paired by
+    seed (same split and initialisation); None if a method is missing."""
+    from mbrl_bilevel.reporting import mean_std
+
+    by = {(r["method"], r["seed"]): r[metric] for r in rows}
+    seeds = sorted({r["seed"] for r in rows if r["method"] == a})
+    if not seeds or any((b, s) not in by for s in seeds):
+        return None
+    mean, std = mean_std([scale * (by[a, s] - by[b, s]) for s in seeds])
+    return {"mean": mean, "std": std, "n": len(seeds)}
+
+
+def acceptance(finals: list[dict]) -> dict:
+    """Per dataset: the test-accuracy gaps (percentage points) of pg-star and bilevel to nll and
+    the test NLL of pg-star minus that of pg (negative: pg-star is better), paired by seed."""
+    from mbrl_bilevel.reporting import group_by
+
+    return {
+        name: {
+            "pg_star_minus_nll_accuracy_pp": paired_gap(rows, "pg-star", "nll", "accuracy", 100),
+            "bilevel_minus_nll_accuracy_pp": paired_gap(rows, "bilevel", "nll", "accuracy", 100),
+            "pg_star_minus_pg_nll": paired_gap(rows, "pg-star", "pg", "nll"),
+        }
+        for name, rows in group_by(finals, "dataset").items()
+    }
 
 
 def run_study(config: TabularConfig, datasets: list[TabularData] | None = None):
@@ -271,7 +289,7 @@ def run_study(config: TabularConfig, datasets: list[TabularData] | None = None):
         "seconds": time.perf_counter() - started,
         "datasets": {data.name: describe(data, config.lam) for data in datasets},
         "final": numbers,
-        "acceptance": acceptance(numbers),
+        "acceptance": acceptance(finals),
     }
     write_json(run_dir / "summary.json", summary)
     atomic_write_text(run_dir / "table.md", text + "\n")
