@@ -51,6 +51,7 @@ class MethodOptions:
     inner_steps: int = 20
     outer_lr: float = 0.05
     refresh_every: int = 20
+    damping: float = 0.1
 
 
 def check_solvers_available(methods: list[str]) -> None:
@@ -165,6 +166,7 @@ def one_hot_targets(data: Dataset, num_classes: int) -> Dataset:
 def _train_with_solver(method, predictor, splits, options, seed, writer, monitor):
     """pg-plugin and bilevel through the learners of mbrl_bilevel.solvers (issue 3)."""
     from mbrl_bilevel.solvers.bilevel import BilevelLearner
+    from mbrl_bilevel.solvers.linear import LinearSolverConfig
     from mbrl_bilevel.solvers.objectives import CategoricalExact
     from mbrl_bilevel.solvers.plugin import PluginLearner
 
@@ -194,6 +196,7 @@ def _train_with_solver(method, predictor, splits, options, seed, writer, monitor
         inner_steps=options.inner_steps,
         inner_lr=options.lr,
         outer_lr=options.outer_lr,
+        linear=LinearSolverConfig(damping=options.damping, warm_start=False),
         writer=writer,
         monitor=monitor,
         **common,
