@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
 from torch import nn
 
 from mbrl_bilevel.data import Dataset
@@ -28,6 +27,8 @@ def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15)
 def classification_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """accuracy, nll (nats/sample), ece (15 bins), macro_f1 and roc_auc (binary, or macro
     one-vs-rest for more classes; NaN if a class is absent) from probs [N, C] and labels y [N]."""
+    from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score  # slow import
+
     num_classes = probs.shape[1]
     labels = np.arange(num_classes)
     probs = probs / probs.sum(1, keepdims=True)  # float32 rounding; sklearn checks the sums
