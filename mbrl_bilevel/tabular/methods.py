@@ -114,7 +114,7 @@ def train_method(
     num_classes = predictor.num_classes
     monitor = curve_monitor(splits.val)
     if method in SOLVER_METHODS:
-        return _train_with_solver(method, predictor, splits, options, seed, writer, monitor)
+        return _train_with_solver(method, predictor, splits, options, writer, monitor)
     if method == "nll":
         loss, beta = NLLLoss(), None
     else:
@@ -163,7 +163,7 @@ def one_hot_targets(data: Dataset, num_classes: int) -> Dataset:
     return Dataset(data.x, F.one_hot(data.y, num_classes).to(data.x.dtype))
 
 
-def _train_with_solver(method, predictor, splits, options, seed, writer, monitor):
+def _train_with_solver(method, predictor, splits, options, writer, monitor):
     """pg-plugin and bilevel through the learners of mbrl_bilevel.solvers (issue 3)."""
     from mbrl_bilevel.solvers.bilevel import BilevelLearner
     from mbrl_bilevel.solvers.linear import LinearSolverConfig
@@ -171,7 +171,7 @@ def _train_with_solver(method, predictor, splits, options, seed, writer, monitor
     from mbrl_bilevel.solvers.plugin import PluginLearner
 
     num_classes = predictor.num_classes
-    common = dict(generations=options.generations, baseline=options.baseline, seed=seed)
+    common = dict(generations=options.generations, baseline=options.baseline)
     if method == "pg-plugin":
         learner = PluginLearner(
             "scalar",
