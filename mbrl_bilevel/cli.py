@@ -12,6 +12,7 @@ from typing import Any
 
 import tyro
 
+from envs.collect_command import CollectConfig, run_collect
 from mbrl_bilevel.gaussian import GaussianConfig
 from mbrl_bilevel.tabular.study import TabularConfig
 from mbrl_bilevel.validation import ConfigError
@@ -39,6 +40,7 @@ def run_tabular(config: TabularConfig) -> None:
 COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "gaussian": (GaussianConfig, run_gaussian),
     "tabular": (TabularConfig, run_tabular),
+    "collect": (CollectConfig, run_collect),
 }
 
 

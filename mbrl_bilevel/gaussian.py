@@ -313,6 +313,17 @@ def run_seed(seed: int, config: GaussianConfig, tb_dir: str | None = None):
     return results
 
 
+def steps_to_converge(history: list[dict[str, float]], key: str, tolerance: float) -> float:
+    """First recorded step from which `key` stays within `tolerance` of its final value."""
+    final = history[-1][key]
+    step = history[-1]["step"]
+    for row in reversed(history):
+        if abs(row[key] - final) > tolerance:
+            break
+        step = row["step"]
+    return step
+
+
 def run_study(config: GaussianConfig):
     """Run every (seed, method), write the run folder, return (run_dir, summary dict, table)."""
     from mbrl_bilevel.reporting import markdown_table, plot_curves, summary_table
@@ -335,8 +346,10 @@ def run_study(config: GaussianConfig):
     ):
         for method, history in results:
             rows += [{"method": method, "seed": seed, **row} for row in history]
-            finals.append({"method": method, "seed": seed, **history[-1]})
-    metrics = ["nll", "mean_error", "cov_error", "theory_error"]
+            final = {"method": method, "seed": seed, **history[-1]}
+            final["steps_to_nll"] = steps_to_converge(history, "nll", tolerance=0.01)
+            finals.append(final)
+    metrics = ["nll", "mean_error", "cov_error", "theory_error", "steps_to_nll"]
     header, table, numbers = summary_table(finals, "method", metrics)
     oracle_nll = float(gaussian_entropy(sigma))
     text = markdown_table(header, table)

@@ -19,9 +19,16 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
 
 
-def format_mean_std(values: Sequence[float], digits: int = 3) -> str:
+def significant(value: float, digits: int) -> str:
+    """`value` rounded to `digits` significant digits, written without an exponent."""
+    return np.format_float_positional(
+        value, precision=digits, unique=False, fractional=False, trim="-"
+    )
+
+
+def format_mean_std(values: Sequence[float], digits: int = 4) -> str:
     mean, std = mean_std(values)
-    return f"{mean:.{digits}g} ± {std:.2g}"
+    return f"{significant(mean, digits)} ± {significant(std, 2)}"
 
 
 def group_by(rows: list[dict[str, Any]], key: str) -> dict[Any, list[dict[str, Any]]]:

@@ -30,7 +30,8 @@ def check_spd(matrix: torch.Tensor, name: str, dim: int | None = None) -> torch.
         raise ConfigError(f"{name} has NaN or inf entries")
     scale = matrix.abs().max().clamp_min(1e-12)
     if not torch.allclose(matrix, matrix.T, atol=1e-6 * float(scale)):
-        raise ConfigError(f"{name} must be symmetric, got\n{matrix.numpy()}")
+        gap = float((matrix - matrix.T).abs().max())
+        raise ConfigError(f"{name} must be symmetric, but max |A - Aᵀ| is {gap:.4g}")
     eig_min = float(torch.linalg.eigvalsh(matrix.double()).min())
     if eig_min <= 0:
         raise ConfigError(

@@ -70,14 +70,18 @@ def test_gaussian_run_writes_run_folder(tmp_path, capsys):
         (["--sigma", "/nonexistent.npy"], "cannot read"),
     ],
 )
-def test_bad_input_exits_2_without_traceback(args, message, tmp_path):
-    result = run_cli("gaussian", "--out-dir", str(tmp_path), *args)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+def test_bad_input_exits_2_with_one_message(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["gaussian", "--out-dir", str(tmp_path), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
     assert not any(tmp_path.iterdir())  # refused before any run folder is made
 
 
-def test_help_lists_commands():
-    result = run_cli("--help")
-    assert result.returncode == 0 and "gaussian" in result.stdout
+def test_installed_process_exits_2_without_traceback(tmp_path):
+    result = run_cli("gaussian", "--lam", "-1", "--out-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "λ" in result.stderr and "Traceback" not in result.stderr
+    help_result = run_cli("--help")
+    assert help_result.returncode == 0 and "gaussian" in help_result.stdout
