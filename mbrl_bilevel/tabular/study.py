@@ -32,8 +32,7 @@ class TabularConfig:
     """The tabular classification study: NLL vs PG under β = 1, β*, a plug-in and a bilevel reward."""
 
     dataset: str = "wine"
-    """iris, wine, breast_cancer, digits, all (those four), credit_default, spambase, poker or
-    uci:<id> (these need the network); ignored with --csv."""
+    """iris, wine, breast_cancer, digits, all (those four); credit_default, spambase, poker, uci:<id> (online)."""
     csv: str = ""
     """Path of a CSV file with a header row (use with --target)."""
     target: str = ""
@@ -61,8 +60,7 @@ class TabularConfig:
     lr: float = 0.04
     """Adam learning rate."""
     batch_size: int | None = None
-    """Minibatch size of nll, pg and pg-star; None (full batches, as the solvers' learners of
-    pg-plugin and bilevel use) keeps every method on the same data per step."""
+    """Minibatch size of nll, pg, pg-star; None: full batches, as pg-plugin and bilevel always use."""
     eval_every: int = 10
     """Record the learning curves every this many steps."""
     val_fraction: float = 0.2
@@ -76,9 +74,7 @@ class TabularConfig:
     outer_lr: float = 0.05
     """Bilevel: Adam learning rate of the reward parameters."""
     damping: float = 0.1
-    """Bilevel: δ in the IFT system (H + δI) v = ∇_θ F solved by CG. The Hessian of a softmax
-    model is singular (logit shifts) and nearly so on separable data; 1e-4 left CG residuals of
-    1e3..1e16 here, 0.1 converges (residual ~1e-4)."""
+    """Bilevel: δ in the CG system (H + δI) v = ∇_θ F (softmax Hessians are singular; docs/tabular.md)."""
     name: str | None = None
     """Run name; default tabular-<date>-<time>."""
     out_dir: str = "runs"
