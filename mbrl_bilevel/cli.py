@@ -15,6 +15,7 @@ import tyro
 from envs.collect_command import CollectConfig, run_collect
 from mbrl_bilevel.bench import BenchConfig
 from mbrl_bilevel.gaussian import GaussianConfig
+from mbrl_bilevel.tabular.study import TabularConfig
 from mbrl_bilevel.validation import ConfigError
 
 
@@ -34,9 +35,19 @@ def run_bench(config: BenchConfig) -> None:
     print(run(config))
 
 
+def run_tabular(config: TabularConfig) -> None:
+    from mbrl_bilevel.tabular.study import run_study
+
+    run_dir, summary, table = run_study(config)
+    print(f"\nTabular study, {config.seeds} seeds, test metrics (mean ± std):\n")
+    print(table)
+    print(f"\nrun folder: {run_dir} ({summary['seconds']:.0f} s)")
+
+
 COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "gaussian": (GaussianConfig, run_gaussian),
     "bench": (BenchConfig, run_bench),
+    "tabular": (TabularConfig, run_tabular),
     "collect": (CollectConfig, run_collect),
 }
 

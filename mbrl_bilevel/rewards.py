@@ -149,6 +149,10 @@ class OneHotReward(nn.Module):
     def matrix(self) -> torch.Tensor:
         return self.base.matrix()
 
+    def matrix_at(self, x: torch.Tensor | None) -> torch.Tensor:
+        """The base reward's U at inputs x (the solvers' diagnostics call it)."""
+        return self.base.matrix_at(x)
+
     def pairwise(self) -> torch.Tensor:
         """Reward table R [C, C] with R[k, j] = r(ŷ = k, y = j)."""
         U = self.base.matrix()
