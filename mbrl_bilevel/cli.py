@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import tyro
 
 from envs.collect_command import CollectConfig, run_collect
+from mbrl_bilevel.bench import BenchConfig
 from mbrl_bilevel.dynamics import DynamicsConfig
 from mbrl_bilevel.gaussian import GaussianConfig
-from mbrl_bilevel.train_bench import TrainBenchConfig
+from mbrl_bilevel.tabular.study import TabularConfig
 from mbrl_bilevel.validation import ConfigError
 
 
@@ -57,46 +57,27 @@ def run_dynamics(config: DynamicsConfig) -> None:
     print(f"run folder: {run_dir}")
 
 
-@dataclass(frozen=True)
-class BenchConfig:
-    """Run one benchmark; it prints ratios measured in one process run."""
-
-    target: tyro.conf.Positional[Literal["train"]]
-    """What to benchmark: train (ensemble training throughput vs the matmul rate)."""
-    train: TrainBenchConfig = field(default_factory=TrainBenchConfig)
-    """Options of `bench train`."""
-    name: str | None = None
-    """Run name; default bench-<target>-<date>-<time>."""
-    out_dir: str = "runs"
-    """Parent folder of run folders."""
-
-
 def run_bench(config: BenchConfig) -> None:
-    from mbrl_bilevel.reporting import markdown_table
-    from mbrl_bilevel.runs import atomic_write_text, create_run_dir, write_json
-    from mbrl_bilevel.train_bench import run_train_bench
+    from mbrl_bilevel.bench import run_bench as run
 
-    rows, context = run_train_bench(config.train)
-    run_dir = create_run_dir(config.out_dir, config.name, f"bench-{config.target}")
-    write_json(run_dir / "config.json", config)
-    write_json(run_dir / "summary.json", {"rows": rows, "context": context})
-    cells = [[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()] for row in rows]
-    table = markdown_table(list(rows[0]), cells)
-    atomic_write_text(run_dir / "table.md", table + "\n")
-    train = config.train
-    print(
-        f"ensemble training, E = {train.members}, hidden {train.hidden}, batch {train.batch_size} "
-        f"per member, {train.threads} torch thread(s), CPU time of this thread:\n\n{table}\n\n"
-        f"1-min load average before/after {context['load_average_1min_before_after']} on "
-        f"{context['cpu_count']} CPUs.\nrun folder: {run_dir}"
-    )
+    print(run(config))
+
+
+def run_tabular(config: TabularConfig) -> None:
+    from mbrl_bilevel.tabular.study import run_study
+
+    run_dir, summary, table = run_study(config)
+    print(f"\nTabular study, {config.seeds} seeds, test metrics (mean ± std):\n")
+    print(table)
+    print(f"\nrun folder: {run_dir} ({summary['seconds']:.0f} s)")
 
 
 COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "gaussian": (GaussianConfig, run_gaussian),
+    "bench": (BenchConfig, run_bench),
+    "tabular": (TabularConfig, run_tabular),
     "collect": (CollectConfig, run_collect),
     "dynamics": (DynamicsConfig, run_dynamics),
-    "bench": (BenchConfig, run_bench),
 }
 
 

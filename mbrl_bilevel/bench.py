@@ -1,0 +1,79 @@
+"""`mbrl-bilevel bench <target>`: benchmarks as commands. Each prints ratios measured in one
+process run and writes runs/<name>/summary.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import tyro
+
+from mbrl_bilevel.solvers.bench import SolverBenchConfig
+from mbrl_bilevel.train_bench import TrainBenchConfig
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Run one benchmark."""
+
+    target: tyro.conf.Positional[Literal["solvers", "train"]]
+    """What to benchmark: solvers (one outer step of each solver vs one inner PG step) or train
+    (ensemble training throughput vs the matmul rate)."""
+    solvers: SolverBenchConfig = field(default_factory=SolverBenchConfig)
+    """Options of `bench solvers`."""
+    train: TrainBenchConfig = field(default_factory=TrainBenchConfig)
+    """Options of `bench train`."""
+    name: str | None = None
+    """Run name; default bench-<target>-<date>-<time>."""
+    out_dir: str = "runs"
+    """Parent folder of run folders."""
+
+
+def run_bench(config: BenchConfig) -> str:
+    """Run the benchmark, write its run folder, return the printed report."""
+    from mbrl_bilevel.reporting import markdown_table
+    from mbrl_bilevel.runs import atomic_write_text, create_run_dir, write_json
+    from mbrl_bilevel.solvers.bench import run_solver_bench
+
+    if config.target == "train":
+        return run_train(config)
+    rows, context = run_solver_bench(config.solvers)
+    run_dir = create_run_dir(config.out_dir, config.name, f"bench-{config.target}")
+    write_json(run_dir / "config.json", config)
+    write_json(run_dir / "summary.json", {"rows": rows, "context": context})
+    table = markdown_table(
+        ["candidate", "median ms", "ratio to one inner PG step"],
+        [
+            [r["candidate"], f"{r['median_ms']:.2f}", f"{r['ratio_to_inner_step']:.2f}"]
+            for r in rows
+        ],
+    )
+    atomic_write_text(run_dir / "table.md", table + "\n")
+    return (
+        f"{table}\n\nθ has {context['theta_params']} parameters; torch threads "
+        f"{context['threads']}; 1-min load average before/after "
+        f"{context['load_average_1min_before_after']} on {context['cpu_count']} CPUs.\n"
+        f"run folder: {run_dir}"
+    )
+
+
+def run_train(config: BenchConfig) -> str:
+    """`bench train`: write its run folder, return the printed report."""
+    from mbrl_bilevel.reporting import markdown_table
+    from mbrl_bilevel.runs import atomic_write_text, create_run_dir, write_json
+    from mbrl_bilevel.train_bench import run_train_bench
+
+    rows, context = run_train_bench(config.train)
+    run_dir = create_run_dir(config.out_dir, config.name, f"bench-{config.target}")
+    write_json(run_dir / "config.json", config)
+    write_json(run_dir / "summary.json", {"rows": rows, "context": context})
+    cells = [[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()] for row in rows]
+    table = markdown_table(list(rows[0]), cells)
+    atomic_write_text(run_dir / "table.md", table + "\n")
+    train = config.train
+    return (
+        f"ensemble training, E = {train.members}, hidden {train.hidden}, batch {train.batch_size} "
+        f"per member, {train.threads} torch thread(s), CPU time of this thread:\n\n{table}\n\n"
+        f"1-min load average before/after {context['load_average_1min_before_after']} on "
+        f"{context['cpu_count']} CPUs.\nrun folder: {run_dir}"
+    )
