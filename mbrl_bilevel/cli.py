@@ -13,6 +13,7 @@ from typing import Any
 import tyro
 
 from envs.collect_command import CollectConfig, run_collect
+from mbrl_bilevel.bench import BenchConfig
 from mbrl_bilevel.gaussian import GaussianConfig
 from mbrl_bilevel.tabular.study import TabularConfig
 from mbrl_bilevel.validation import ConfigError
@@ -28,6 +29,12 @@ def run_gaussian(config: GaussianConfig) -> None:
     print(f"run folder: {run_dir}")
 
 
+def run_bench(config: BenchConfig) -> None:
+    from mbrl_bilevel.bench import run_bench as run
+
+    print(run(config))
+
+
 def run_tabular(config: TabularConfig) -> None:
     from mbrl_bilevel.tabular.study import run_study
 
@@ -39,6 +46,7 @@ def run_tabular(config: TabularConfig) -> None:
 
 COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "gaussian": (GaussianConfig, run_gaussian),
+    "bench": (BenchConfig, run_bench),
     "tabular": (TabularConfig, run_tabular),
     "collect": (CollectConfig, run_collect),
 }

@@ -1,5 +1,6 @@
 """The Gaussian theory of SPEC section 2 as functions, the synthetic data, and the study that
-compares NLL training with PG under U*, U = I and the scaled plug-in U = λd/(2 tr Σ̂)·I.
+compares NLL training with PG under U*, U = I and the scaled plug-in U = λd/(2 tr Σ̂)·I, and,
+with --solver, a reward learned by a solver of mbrl_bilevel.solvers.
 
 Notation: model N(μ, S), data N(f, Σ), reward r_U(ŷ, y) = -(ŷ - y)ᵀ U (ŷ - y), entropy weight λ.
 """
@@ -16,7 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from mbrl_bilevel.data import Dataset
 from mbrl_bilevel.losses import NLLLoss, PGLoss
-from mbrl_bilevel.models import LinearGaussian
+from mbrl_bilevel.models import FullCovGaussianMLP, LinearGaussian, covariance
 from mbrl_bilevel.parallel import map_seeds
 from mbrl_bilevel.rewards import FixedMahalanobis, quadratic_form
 from mbrl_bilevel.training import FitConfig, fit
@@ -114,12 +115,19 @@ def paper_mean(x: torch.Tensor) -> torch.Tensor:
     return x + 6.0
 
 
+def hetero_scale(x: torch.Tensor) -> torch.Tensor:
+    """s(x) = exp(x₀) [N] for x [N, D]: the noise scale of the heteroscedastic data Σ(x) = s(x)Σ."""
+    return x[:, 0].exp()
+
+
 @dataclass(frozen=True)
 class SyntheticGaussian:
-    """y = f(x) + ε with ε ~ N(0, Σ) and inputs x ~ N(0, I); f maps [N, D] to [N, D]."""
+    """y = f(x) + ε with ε ~ N(0, s(x)Σ) and inputs x ~ N(0, I); f maps [N, D] to [N, D] and
+    s (the noise scale, None for 1) maps [N, D] to [N]."""
 
     sigma: torch.Tensor
     mean_fn: Callable[[torch.Tensor], torch.Tensor] = paper_mean
+    scale_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self):
         check_spd(self.sigma, "Σ")
@@ -127,6 +135,11 @@ class SyntheticGaussian:
     @property
     def dim(self) -> int:
         return self.sigma.shape[0]
+
+    def covariance_at(self, x: torch.Tensor) -> torch.Tensor:
+        """Σ(x) [N, D, D] for x [N, D]."""
+        scale = torch.ones(len(x), dtype=x.dtype) if self.scale_fn is None else self.scale_fn(x)
+        return scale[:, None, None] * self.sigma
 
     def sample(self, n_inputs: int, samples_per_input: int, generator: torch.Generator) -> Dataset:
         """n_inputs distinct x, each with samples_per_input noisy y: N = n_inputs·samples rows."""
@@ -136,7 +149,10 @@ class SyntheticGaussian:
         x = torch.randn(n_inputs, self.dim, generator=generator, dtype=dtype)
         x = x.repeat_interleave(samples_per_input, dim=0)
         noise = torch.randn(x.shape, generator=generator, dtype=dtype)
-        y = self.mean_fn(x) + noise @ torch.linalg.cholesky(self.sigma).T
+        noise = noise @ torch.linalg.cholesky(self.sigma).T
+        if self.scale_fn is not None:
+            noise = noise * self.scale_fn(x).sqrt()[:, None]
+        y = self.mean_fn(x) + noise
         return Dataset(x, y)
 
 
@@ -188,6 +204,30 @@ class GaussianConfig:
     """Torch threads per process (use 1 when runs share the machine)."""
     jobs: int = 2
     """Seeds run in parallel processes (this machine has 2 cores)."""
+    noise: str = "constant"
+    """constant: Σ at every x; hetero: Σ(x) = exp(x₀)·Σ (models then get an input-dependent
+    covariance, an MLP; the pg-* methods do not apply)."""
+    solver: str = ""
+    """Also learn the reward with this solver: plugin, implicit or unrolled (empty: none)."""
+    reward: str = "full"
+    """The solver's reward: scalar, diag, full or input (U(x); implicit/unrolled), or for plugin
+    also identity, raw-scalar, raw-full (the reference code's fixed choices)."""
+    inner_steps: int = 10
+    """K: inner steps per outer step (plugin: per refresh of U); --steps is the solver's total."""
+    warmup_steps: int = 200
+    """Inner steps before the first outer step (part of --steps)."""
+    inner: str = "pg"
+    """Inner steps of the implicit solver: pg (REINFORCE) or exact (Adam on the closed-form J)."""
+    outer_lr: float = 0.1
+    """Adam learning rate of the reward parameters (cosine-decayed over the outer steps)."""
+    linear_solver: str = "cg"
+    """IFT linear solver: cg, neumann or dense."""
+    damping: float = 1e-4
+    """δ in the IFT system (∇²_θθ(-J) + δI) v = ∇_θ NLL; raise it for MLP predictors."""
+    unroll_lr: float = 0.05
+    """Step size of the unrolled solver's differentiable inner gradient steps."""
+    val_inputs: int = 0
+    """Distinct inputs of the solver's held-out split (its outer objective); 0: --n-inputs."""
 
     def resolved_sigma(self) -> torch.Tensor:
         """Σ [D, D] (float64), checked: SPD and D == dim."""
@@ -197,7 +237,7 @@ class GaussianConfig:
     def method_list(self) -> list[str]:
         methods = [m.strip() for m in self.methods.split(",") if m.strip()]
         unknown = sorted(set(methods) - set(METHODS))
-        if unknown or not methods:
+        if unknown or not (methods or self.solver):
             raise ConfigError(f"unknown methods {unknown or methods}; choose from {METHODS}")
         return methods
 
@@ -213,6 +253,19 @@ class GaussianConfig:
             raise ConfigError(f"--threads and --jobs must be > 0, got {self.threads}, {self.jobs}")
         self.resolved_sigma()
         self.method_list()
+        if self.noise not in ("constant", "hetero"):
+            raise ConfigError(f"--noise must be constant or hetero, got {self.noise!r}")
+        if self.noise == "hetero" and set(self.method_list()) - {"nll"}:
+            raise ConfigError("--noise hetero has no constant U*: use --methods nll")
+        if self.solver:
+            from mbrl_bilevel.solvers.study import validate_solver_options
+
+            validate_solver_options(self)
+
+    def problem(self) -> SyntheticGaussian:
+        """The synthetic data distribution of this config."""
+        scale = hetero_scale if self.noise == "hetero" else None
+        return SyntheticGaussian(self.resolved_sigma(), scale_fn=scale)
 
 
 def method_reward_matrix(
@@ -231,7 +284,7 @@ def method_reward_matrix(
 
 
 def closed_form_metrics(
-    model: LinearGaussian,
+    model: torch.nn.Module,
     test: Dataset,
     problem: SyntheticGaussian,
     theory_cov: torch.Tensor | None,
@@ -240,19 +293,23 @@ def closed_form_metrics(
     and, for PG, theory_error (‖S - (λ/2)U⁻¹‖_F / ‖(λ/2)U⁻¹‖_F)."""
     with torch.no_grad():
         dist = model(test.x)
-        cov = model.cholesky() @ model.cholesky().T
+        cov = covariance(dist)
         metrics = {
             "nll": float(-dist.log_prob(test.y).mean()),
             "mean_error": float((dist.mean - problem.mean_fn(test.x)).pow(2).sum(-1).mean().sqrt()),
-            "cov_error": float(
-                torch.linalg.norm(cov - problem.sigma) / torch.linalg.norm(problem.sigma)
-            ),
+            "cov_error": relative_frobenius(cov, problem.covariance_at(test.x)),
         }
         if theory_cov is not None:
-            metrics["theory_error"] = float(
-                torch.linalg.norm(cov - theory_cov) / torch.linalg.norm(theory_cov)
-            )
+            metrics["theory_error"] = relative_frobenius(cov, theory_cov)
     return metrics
+
+
+def relative_frobenius(a: torch.Tensor, b: torch.Tensor) -> float:
+    """mean ‖a - b‖_F / ‖b‖_F over the leading dims of a, b [..., D, D] (broadcast)."""
+    a, b = torch.broadcast_tensors(a, b)
+    return float(
+        (torch.linalg.norm(a - b, dim=(-2, -1)) / torch.linalg.norm(b, dim=(-2, -1))).mean()
+    )
 
 
 def train_method(
@@ -293,15 +350,18 @@ def train_method(
 def run_seed(seed: int, config: GaussianConfig, tb_dir: str | None = None):
     """All methods on one seed's data from one shared initialisation.
 
-    Returns [(method, metric rows)]; TensorBoard events go to tb_dir/<method>-seed<k> if given.
+    Returns [(method, metric rows, learned reward summary or None)]; TensorBoard events go to tb_dir/<method>-seed<k> if given.
     """
     torch.set_num_threads(config.threads)
-    problem = SyntheticGaussian(config.resolved_sigma())
+    problem = config.problem()
     generator = torch.Generator().manual_seed(seed)
     train = problem.sample(config.n_inputs, config.samples_per_input, generator)
     test = problem.sample(config.n_inputs, config.samples_per_input, generator)
     torch.manual_seed(seed)
-    initial = LinearGaussian(config.dim, config.dim, covariance="full").double()
+    if config.noise == "hetero":
+        initial = FullCovGaussianMLP(config.dim, config.dim, hidden=(32, 32)).double()
+    else:
+        initial = LinearGaussian(config.dim, config.dim, covariance="full").double()
     results = []
     for method in config.method_list():
         torch.manual_seed(seed)
@@ -309,7 +369,21 @@ def run_seed(seed: int, config: GaussianConfig, tb_dir: str | None = None):
         rows = train_method(method, copy.deepcopy(initial), train, test, problem, config, writer)
         if writer is not None:
             writer.close()
-        results.append((method, rows))
+        results.append((method, rows, None))
+    if config.solver:
+        from mbrl_bilevel.solvers.study import train_solver
+
+        val_inputs = config.val_inputs or config.n_inputs
+        val = problem.sample(val_inputs, config.samples_per_input, generator)  # drawn after test
+        torch.manual_seed(seed)
+        label = f"{config.solver}-{config.reward}"
+        writer = SummaryWriter(f"{tb_dir}/{label}-seed{seed}") if tb_dir else None
+        rows, learned = train_solver(
+            copy.deepcopy(initial), train, val, test, problem, config, writer
+        )
+        if writer is not None:
+            writer.close()
+        results.append((label, rows, learned))
     return results
 
 
@@ -340,15 +414,17 @@ def run_study(config: GaussianConfig):
     run_dir = create_run_dir(config.out_dir, config.name, "gaussian")
     write_json(run_dir / "config.json", config)
 
-    rows, finals = [], []
+    rows, finals, learned = [], [], []
     for seed, results in enumerate(
         map_seeds(run_seed, config.seeds, config.jobs, config=config, tb_dir=str(run_dir / "tb"))
     ):
-        for method, history in results:
+        for method, history, reward in results:
             rows += [{"method": method, "seed": seed, **row} for row in history]
             final = {"method": method, "seed": seed, **history[-1]}
             final["steps_to_nll"] = steps_to_converge(history, "nll", tolerance=0.01)
             finals.append(final)
+            if reward is not None:
+                learned.append(reward)
     metrics = ["nll", "mean_error", "cov_error", "theory_error", "steps_to_nll"]
     header, table, numbers = summary_table(finals, "method", metrics)
     oracle_nll = float(gaussian_entropy(sigma))
@@ -368,9 +444,15 @@ def run_study(config: GaussianConfig):
         "run_dir": str(run_dir),
         "seeds": config.seeds,
         "oracle_nll": oracle_nll,
-        "U_star": optimal_reward_matrix(sigma, config.lam).tolist(),
+        "U_star": None
+        if config.noise == "hetero"
+        else optimal_reward_matrix(sigma, config.lam).tolist(),
         "final": numbers,
     }
+    if config.solver:
+        from mbrl_bilevel.solvers.study import report_solver
+
+        summary["solver"] = report_solver(config, learned, rows, run_dir)
     write_json(run_dir / "summary.json", summary)
     atomic_write_text(run_dir / "table.md", text + "\n")
     return run_dir, summary, text

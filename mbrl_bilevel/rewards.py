@@ -1,7 +1,8 @@
 """Reward modules r_φ(ŷ, y): higher is better; their parameters are the φ of the outer loop.
 
 Every Mahalanobis reward computes r(ŷ, y) = -(ŷ - y)ᵀ U (ŷ - y) for ŷ of shape [B, D] or
-[G, B, D] and y of shape [B, D]; `matrix()` returns U [D, D].
+[G, B, D] and y of shape [B, D]; `matrix()` returns U [D, D] and `matrix_at(x)` the matrix used
+at inputs x [B, in]: U [D, D] for constant rewards, U(x) [B, D, D] for input-dependent ones.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mbrl_bilevel.models import lower_cholesky, mlp
 from mbrl_bilevel.validation import ConfigError, check_positive, check_spd
 
 
@@ -25,11 +27,15 @@ class MahalanobisReward(nn.Module):
     def matrix(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def matrix_at(self, x: torch.Tensor | None) -> torch.Tensor:
+        """U at inputs x [B, in]: [D, D] here (constant), [B, D, D] for input-dependent rewards."""
+        return self.matrix()
+
     def forward(
         self, y_hat: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None = None
     ) -> torch.Tensor:
         """y_hat [B, D] or [G, B, D], y [B, D] -> r [B] or [G, B]."""
-        return -quadratic_form(y_hat - y, self.matrix())
+        return -quadratic_form(y_hat - y, self.matrix_at(x))
 
 
 class FixedMahalanobis(MahalanobisReward):
@@ -92,6 +98,43 @@ class CholeskyMahalanobis(MahalanobisReward):
         return chol @ chol.T
 
 
+class InputDependentMahalanobis(MahalanobisReward):
+    """U(x) = L(x) L(x)ᵀ with L(x) from a small MLP (positive, softly bounded diagonal).
+
+    The output layer starts at zero weights, so U(x) ≈ `initial` for every x at first.
+    `matrix()` (no input) is not defined; use `matrix_at(x)` -> [B, D, D].
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        initial: torch.Tensor,
+        hidden: tuple[int, ...] = (32,),
+        min_log: float = -8.0,
+        max_log: float = 8.0,
+    ):
+        super().__init__()
+        check_spd(initial, "initial reward matrix U")
+        self.dim = initial.shape[0]
+        self.min_log, self.max_log = min_log, max_log
+        self.net = mlp(in_dim, self.dim * (self.dim + 1) // 2, hidden)
+        chol = torch.linalg.cholesky(initial.float())
+        rows, cols = torch.tril_indices(self.dim, self.dim)
+        raw = torch.where(rows == cols, chol[rows, cols].log(), chol[rows, cols])
+        with torch.no_grad():
+            self.net[-1].weight.zero_()
+            self.net[-1].bias.copy_(raw)
+
+    def matrix(self) -> torch.Tensor:
+        raise ConfigError("an input-dependent reward has no single matrix; call matrix_at(x)")
+
+    def matrix_at(self, x: torch.Tensor | None) -> torch.Tensor:
+        if x is None:
+            raise ConfigError("an input-dependent reward needs the inputs x")
+        chol = lower_cholesky(self.net(x), self.dim, self.min_log, self.max_log)
+        return chol @ chol.transpose(-2, -1)
+
+
 class OneHotReward(nn.Module):
     """Mahalanobis reward on one-hot class vectors: r(ŷ, y) = -(e_ŷ - e_y)ᵀ U (e_ŷ - e_y).
 
@@ -122,16 +165,25 @@ class OneHotReward(nn.Module):
         return self.pairwise()[y_hat.long(), y.long()]
 
 
-def make_mahalanobis(kind: str, initial: torch.Tensor) -> MahalanobisReward:
-    """Build a reward of `kind` in {fixed, scalar, diag, full} starting at U = initial [D, D]."""
+def make_mahalanobis(kind: str, initial: torch.Tensor, in_dim: int = 0) -> MahalanobisReward:
+    """Build a reward of `kind` in {fixed, scalar, diag, full, input} starting at U = initial
+    [D, D], with parameters of initial's dtype; `input` (U(x)) needs the input dimension."""
     check_spd(initial, "initial reward matrix U")
     dim = initial.shape[0]
-    if kind == "fixed":
-        return FixedMahalanobis(initial)
-    if kind == "scalar":
-        return ScalarMahalanobis(dim, float(initial.diagonal().mean()))
-    if kind == "diag":
-        return DiagonalMahalanobis(initial.diagonal().clone())
-    if kind == "full":
-        return CholeskyMahalanobis(initial)
-    raise ConfigError(f"unknown reward kind {kind!r}; choose fixed, scalar, diag or full")
+    if kind == "input":
+        if in_dim <= 0:
+            raise ConfigError(f"an input-dependent reward needs in_dim > 0, got {in_dim}")
+        reward = InputDependentMahalanobis(in_dim, initial)
+    elif kind == "fixed":
+        reward = FixedMahalanobis(initial)
+    elif kind == "scalar":
+        reward = ScalarMahalanobis(dim, float(initial.diagonal().mean()))
+    elif kind == "diag":
+        reward = DiagonalMahalanobis(initial.diagonal().clone())
+    elif kind == "full":
+        reward = CholeskyMahalanobis(initial)
+    else:
+        raise ConfigError(
+            f"unknown reward kind {kind!r}; choose fixed, scalar, diag, full or input"
+        )
+    return reward.to(initial.dtype)

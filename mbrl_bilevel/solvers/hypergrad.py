@@ -1,0 +1,193 @@
+"""Hypergradients dF/dφ of the bilevel problem, with torch.func, on flat parameter vectors.
+
+    inner:  θ*(φ) = argmin_θ L(θ, φ),   L = -J (a differentiable Objective on the train split)
+    outer:  F(φ)  = NLL(θ*(φ)) on the held-out split (per-sample mean, lower is better)
+
+Implicit (IFT): dF/dφ = -∇²_φθ L · v with (∇²_θθ L + δI) v = ∇_θ NLL, solved from Hessian-vector
+products (torch.func.vjp of ∇_θ L, one graph per outer step) by CG, a Neumann series, or a dense
+solve.
+Unrolled: θ_K = K gradient steps θ ← θ - η ∇_θ L from θ_0, F = NLL(θ_K), differentiated in φ.
+
+θ [P] and φ [Q] are flat vectors; `BilevelProblem` maps them to the modules' parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jacfwd, vjp
+
+from mbrl_bilevel.data import Dataset
+from mbrl_bilevel.solvers.linear import (
+    LinearSolverConfig,
+    SolveInfo,
+    check_solution,
+    conjugate_gradient,
+    dense_solve,
+    neumann,
+)
+from mbrl_bilevel.solvers.objectives import Objective
+
+
+class _Joint(nn.Module):
+    def __init__(self, predictor: nn.Module, reward: nn.Module, objective: Objective):
+        super().__init__()
+        self.predictor, self.reward, self.objective = predictor, reward, objective
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.objective(self.predictor, self.reward, x, y)
+
+
+def _named(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+class BilevelProblem:
+    """The bilevel problem of one (predictor, reward, objective, train, val) as functions of flat
+    θ [P] and φ [Q]. The modules are only read (`theta()`, `phi()`) or written (`set_theta`)."""
+
+    def __init__(
+        self,
+        predictor: nn.Module,
+        reward: nn.Module,
+        objective: Objective,
+        train: Dataset,
+        val: Dataset,
+    ):
+        self.joint = _Joint(predictor, reward, objective)
+        self.predictor, self.reward, self.train, self.val = predictor, reward, train, val
+        self._theta = _named(predictor)
+        self._phi = _named(reward)
+
+    @staticmethod
+    def _flat(params) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for _, p in params])
+
+    @staticmethod
+    def _unflat(vector: torch.Tensor, params, prefix: str) -> dict[str, torch.Tensor]:
+        out, start = {}, 0
+        for name, p in params:
+            out[prefix + name] = vector[start : start + p.numel()].view_as(p)
+            start += p.numel()
+        return out
+
+    def theta(self) -> torch.Tensor:
+        return self._flat(self._theta)
+
+    def phi(self) -> torch.Tensor:
+        return self._flat(self._phi)
+
+    @torch.no_grad()
+    def set_theta(self, theta: torch.Tensor) -> None:
+        for (_, p), value in zip(
+            self._theta, self._unflat(theta, self._theta, "").values(), strict=True
+        ):
+            p.copy_(value)
+
+    def set_phi_grad(self, hypergradient: torch.Tensor) -> None:
+        """Write a flat dF/dφ [Q] into the reward parameters' .grad (for a torch optimiser)."""
+        for (_, p), value in zip(
+            self._phi, self._unflat(hypergradient, self._phi, "").values(), strict=True
+        ):
+            p.grad = value.detach().clone()
+
+    def inner_loss(self, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """L(θ, φ) = -J on the train split: scalar."""
+        params = self._unflat(theta, self._theta, "predictor.")
+        params |= self._unflat(phi, self._phi, "reward.")
+        return -functional_call(self.joint, params, (self.train.x, self.train.y))
+
+    def outer_loss(self, theta: torch.Tensor) -> torch.Tensor:
+        """F = held-out NLL per sample: scalar."""
+        params = self._unflat(theta, self._theta, "")
+        dist = functional_call(self.predictor, params, (self.val.x,))
+        return -dist.log_prob(self.val.y).mean()
+
+    def inner_grad(self, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """∇_θ L [P]."""
+        return grad(self.inner_loss)(theta, phi)
+
+    def second_order(self, theta: torch.Tensor, phi: torch.Tensor):
+        """v [P] -> (∇²_θθ L · v [P], ∇²_φθ L · v [Q]): reverse-over-reverse products that reuse one
+        graph of ∇_θ L at (θ, φ) for every v (the Hessian is symmetric, so vᵀH = Hv)."""
+        _, pullback = vjp(self.inner_grad, theta, phi)
+        return pullback
+
+    def hessian(self, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """∇²_θθ L [P, P] (small problems only)."""
+        return jacfwd(lambda t: self.inner_grad(t, phi))(theta)
+
+
+def implicit_hypergradient(
+    problem: BilevelProblem,
+    theta: torch.Tensor,
+    phi: torch.Tensor,
+    config: LinearSolverConfig,
+    warm: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, SolveInfo]:
+    """dF/dφ [Q] by the IFT at θ (assumed ≈ θ*(φ)). Returns (hypergradient, v [P], SolveInfo);
+    pass the returned v as `warm` at the next call to warm-start CG."""
+    rhs = grad(problem.outer_loss)(theta)
+    products = problem.second_order(theta, phi)
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        return products(v)[0] + config.damping * v
+
+    if config.method == "cg":
+        v, info = conjugate_gradient(
+            matvec, rhs, warm if config.warm_start else None, config.tol, config.max_iter
+        )
+    elif config.method == "neumann":
+        v, info = neumann(matvec, rhs, config.neumann_step, config.max_iter)
+    else:
+        hessian = problem.hessian(theta, phi)
+        v, info = dense_solve(hessian + config.damping * torch.eye(len(theta)).to(hessian), rhs)
+    check_solution(v, info, config)
+    return -products(v)[1], v, info
+
+
+def unrolled_hypergradient(
+    problem: BilevelProblem, theta: torch.Tensor, phi: torch.Tensor, steps: int, lr: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dF(θ_K(φ))/dφ [Q] through K = `steps` gradient steps of size `lr` from θ_0 = θ.
+    Returns (hypergradient, θ_K detached). Memory grows linearly with K."""
+
+    def unrolled(p: torch.Tensor):
+        t = theta
+        for _ in range(steps):
+            t = t - lr * problem.inner_grad(t, p)
+        return problem.outer_loss(t), t
+
+    hypergradient, theta_k = grad(unrolled, has_aux=True)(phi)
+    return hypergradient, theta_k.detach()
+
+
+def solve_inner(
+    problem: BilevelProblem,
+    theta: torch.Tensor,
+    phi: torch.Tensor,
+    tol: float = 1e-10,
+    max_iter: int = 100,
+) -> tuple[torch.Tensor, float]:
+    """θ*(φ) by damped Newton with backtracking (small problems, e.g. the float64 oracles).
+    Returns (θ*, ‖∇_θ L(θ*)‖)."""
+    loss = float(problem.inner_loss(theta, phi))
+    for _ in range(max_iter):
+        g = problem.inner_grad(theta, phi)
+        if float(g.norm()) < tol:
+            break
+        hessian = problem.hessian(theta, phi)
+        eye = torch.eye(len(theta)).to(hessian)
+        shift = max(0.0, -float(torch.linalg.eigvalsh(hessian).min())) * 1.1
+        step = torch.linalg.pinv(hessian + shift * eye, hermitian=True) @ g  # dead θ: singular
+        size = 1.0
+        while size > 1e-8:
+            candidate = theta - size * step
+            value = float(problem.inner_loss(candidate, phi))
+            if value <= loss + 1e-12 * (1 + abs(loss)):  # rounding near the optimum
+                theta, loss = candidate, value
+                break
+            size *= 0.5
+        else:
+            break
+    return theta, float(problem.inner_grad(theta, phi).norm())
