@@ -28,6 +28,8 @@ def significant(value: float, digits: int) -> str:
 
 def format_mean_std(values: Sequence[float], digits: int = 4) -> str:
     mean, std = mean_std(values)
+    if std <= 1e-9 * max(abs(mean), 1e-300):
+        std = 0.0  # float noise of identical values
     return f"{significant(mean, digits)} ± {significant(std, 2)}"
 
 
