@@ -13,6 +13,8 @@ from typing import Any
 import tyro
 
 from envs.collect_command import CollectConfig, run_collect
+from mbrl_bilevel.bench import BenchConfig
+from mbrl_bilevel.dynamics import DynamicsConfig
 from mbrl_bilevel.gaussian import GaussianConfig
 from mbrl_bilevel.validation import ConfigError
 
@@ -27,9 +29,57 @@ def run_gaussian(config: GaussianConfig) -> None:
     print(f"run folder: {run_dir}")
 
 
+def load_transitions(config: DynamicsConfig):
+    """The dataset of `mbrl-bilevel dynamics`: a .npz file (dataset names and collection come
+    with the envs package)."""
+    from mbrl_bilevel.transitions import Transitions
+
+    if config.dataset is None:
+        raise ConfigError(
+            "no --dataset given, and collecting one needs the envs package, not in this build: "
+            "pass --dataset PATH.npz"
+        )
+    if config.dataset.endswith(".npz"):
+        return Transitions.load_npz(config.dataset)
+    raise ConfigError(
+        f"--dataset {config.dataset!r} is not a .npz file; dataset names need the envs package, "
+        "not in this build"
+    )
+
+
+def run_dynamics(config: DynamicsConfig) -> None:
+    from mbrl_bilevel.dynamics import run_study
+
+    config.validate()
+    transitions = load_transitions(config)
+    run_dir, summary, table = run_study(config, transitions)
+    print(
+        f"\nDynamics benchmark, protocol {config.protocol}, {summary['transitions']} transitions, "
+        f"{config.seeds} seeds, test metrics (mean ± std):\n"
+    )
+    print(table)
+    print(f"run folder: {run_dir}")
+
+
+def run_bench(config: BenchConfig) -> None:
+    from mbrl_bilevel.bench import run_train_bench
+    from mbrl_bilevel.reporting import markdown_table
+
+    rows = run_train_bench(config)
+    header = list(rows[0])
+    cells = [[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()] for row in rows]
+    print(
+        f"ensemble training, E = {config.members}, hidden {config.hidden}, batch "
+        f"{config.batch_size} per member, {config.threads} thread(s):\n"
+    )
+    print(markdown_table(header, cells))
+
+
 COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "gaussian": (GaussianConfig, run_gaussian),
     "collect": (CollectConfig, run_collect),
+    "dynamics": (DynamicsConfig, run_dynamics),
+    "bench": (BenchConfig, run_bench),
 }
 
 

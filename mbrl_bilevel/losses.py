@@ -31,6 +31,23 @@ class NLLLoss:
         return nll, {"nll": nll.item()}
 
 
+class BetaNLLLoss:
+    """β-NLL (Seitzer et al. 2022) for diagonal Gaussian predictors: each dimension's NLL term
+    weighted by its detached predicted variance to the power β (0: NLL, 1: MSE-like gradients
+    for the mean). Averaged over batch and output dims."""
+
+    def __init__(self, beta: float = 0.5):
+        if not 0 <= beta <= 1:
+            raise ConfigError(f"β of β-NLL must be in [0, 1], got {beta}")
+        self.beta = beta
+
+    def __call__(self, predictor: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        normal = predictor(x).base_dist  # Independent(Normal): per-dimension terms
+        terms = -normal.log_prob(y)
+        loss = (terms * normal.variance.detach().pow(self.beta)).mean()
+        return loss, {"beta_nll": loss.item(), "nll": terms.sum(-1).mean().item()}
+
+
 def subtract_baseline(reward: torch.Tensor, baseline: str) -> torch.Tensor:
     """Advantages [G, B] from rewards [G, B].
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -90,6 +90,7 @@ def fit(
     step_offset: int = 0,
     monitor: Monitor | None = None,
     generator: torch.Generator | None = None,
+    batches: Iterator[Dataset] | None = None,
     progress: bool | None = None,
     description: str = "fit",
 ) -> FitResult:
@@ -97,7 +98,9 @@ def fit(
 
     Validation on `val` (and `monitor(predictor)`, if given) runs every `eval_every` steps and at
     the end; with a val split the weights with the lowest `select_on` metric are restored.
-    `progress=None` shows a bar only on a terminal. Returns a FitResult.
+    `batches` (endless) replaces the default shuffled minibatches of `train` (an ensemble's
+    per-member bootstrap batches). `progress=None` shows a bar only on a terminal. Returns a
+    FitResult.
     """
     if len(train) == 0:
         raise ConfigError("the training split is empty")
@@ -110,7 +113,8 @@ def fit(
     history: list[dict[str, float]] = []
     best = (math.inf, 0, copy.deepcopy(predictor.state_dict()))
     rounds_since_best = 0
-    batches = _endless_batches(train, config.batch_size, generator)
+    if batches is None:
+        batches = _endless_batches(train, config.batch_size, generator)
     bar = tqdm(
         range(1, config.steps + 1), desc=description, disable=_bar_disabled(progress), leave=False
     )

@@ -1,0 +1,228 @@
+"""A batched ensemble of Gaussian MLPs (PETS-style) and the learner that trains it with any loss.
+
+Every member is a 4 × 200 SiLU MLP; their weights are stacked as [E, in, out] so one batched
+matmul (torch.baddbmm) runs all members. Inputs and targets are normalised with statistics that
+change only through `fit_normaliser` (forward passes stay pure, so torch.func works on them).
+
+Two coordinate systems:
+- `ensemble(x)` returns the distribution of raw targets (Δ-states for dynamics models);
+- `NormalisedTargets(ensemble)(x)` returns the distribution of (y - target_mean) / target_std.
+  Losses train in this space, so MSE weights every output dimension equally and a reward matrix
+  U is expressed relative to the normalised residual covariance: PG under a constant U learns
+  the normalised covariance (λ/2)U⁻¹, i.e. diag(s) (λ/2)U⁻¹ diag(s) in raw units.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
+from torch.nn import functional as F
+
+from mbrl_bilevel.data import Dataset
+from mbrl_bilevel.models import soft_bound
+from mbrl_bilevel.training import FitConfig, Loss, fit
+from mbrl_bilevel.validation import ConfigError
+
+
+class GaussianEnsemble(nn.Module):
+    """E diagonal Gaussians p_e(y|x) = N(μ_e(x), diag σ_e(x)²) with softly bounded log-variance.
+
+    forward(x [B, in] or [E, B, in]) -> Independent(Normal) with batch [E, B] and event D.
+    `elite_mask` [E] marks the members `mixture` uses (all of them until `select_elites`).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        members: int = 7,
+        elites: int = 5,
+        hidden: Sequence[int] = (200, 200, 200, 200),
+        min_log_var: float = -10.0,
+        max_log_var: float = 0.5,
+    ):
+        super().__init__()
+        if members < 1 or not 1 <= elites <= members:
+            raise ConfigError(
+                f"need members >= 1 and 1 <= elites <= members, got {members}, {elites}"
+            )
+        self.in_dim, self.out_dim, self.members, self.elites = in_dim, out_dim, members, elites
+        dims = [in_dim, *hidden, 2 * out_dim]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for fan_in, fan_out in zip(dims[:-1], dims[1:], strict=True):
+            weight = torch.empty(members, fan_in, fan_out)
+            nn.init.trunc_normal_(weight, std=1 / (2 * math.sqrt(fan_in)))
+            self.weights.append(nn.Parameter(weight))
+            self.biases.append(nn.Parameter(torch.zeros(members, 1, fan_out)))
+        self.min_log_var = nn.Parameter(torch.full((out_dim,), float(min_log_var)))
+        self.max_log_var = nn.Parameter(torch.full((out_dim,), float(max_log_var)))
+        self.register_buffer("input_mean", torch.zeros(in_dim))
+        self.register_buffer("input_std", torch.ones(in_dim))
+        self.register_buffer("target_mean", torch.zeros(out_dim))
+        self.register_buffer("target_std", torch.ones(out_dim))
+        self.register_buffer("elite_mask", torch.ones(members, dtype=torch.bool))
+
+    def fit_normaliser(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Set input and target statistics from x [N, in], y [N, D] (constant columns get std 1)."""
+        for name, data in (("input", x), ("target", y)):
+            std = data.std(0)
+            getattr(self, f"{name}_mean").copy_(data.mean(0))
+            getattr(self, f"{name}_std").copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+
+    def normalised_head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance [E, B, D] of the normalised targets for x [B, in] or [E, B, in]."""
+        h = (x - self.input_mean) / self.input_std
+        if h.ndim == 2:
+            h = h.expand(self.members, *h.shape)
+        last = len(self.weights) - 1
+        for index, (weight, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
+            h = torch.baddbmm(bias, h, weight)
+            if index < last:
+                h = F.silu(h)
+        mean, raw = h.chunk(2, dim=-1)
+        return mean, soft_bound(raw, self.min_log_var, self.max_log_var)
+
+    def forward(self, x: torch.Tensor) -> Independent:
+        mean, log_var = self.normalised_head(x)
+        return _diag_normal(
+            mean * self.target_std + self.target_mean, (0.5 * log_var).exp() * self.target_std
+        )
+
+    def log_var_penalty(self) -> torch.Tensor:
+        """PETS' penalty on the learnable bounds: Σ max_log_var - Σ min_log_var."""
+        return self.max_log_var.sum() - self.min_log_var.sum()
+
+    def mixture(self, x: torch.Tensor) -> MixtureSameFamily:
+        """The elites as a uniform mixture: batch [B], event D (raw target units)."""
+        dist = self(x).base_dist
+        mask = self.elite_mask
+        loc, scale = dist.loc[mask].transpose(0, 1), dist.scale[mask].transpose(0, 1)
+        weights = Categorical(logits=loc.new_zeros(loc.shape[:2]), validate_args=False)
+        return MixtureSameFamily(weights, _diag_normal(loc, scale), validate_args=False)
+
+    @torch.no_grad()
+    def select_elites(self, data: Dataset, metric: str = "nll") -> torch.Tensor:
+        """Keep the `elites` members with the lowest held-out `metric` (nll or rmse, in normalised
+        target units); returns every member's score [E]."""
+        dist = NormalisedTargets(self)(data.x)
+        y = (data.y - self.target_mean) / self.target_std
+        if metric == "nll":
+            score = -dist.log_prob(y).mean(-1)
+        elif metric == "rmse":
+            score = (dist.mean - y).pow(2).mean((-2, -1)).sqrt()
+        else:
+            raise ConfigError(f"elites are chosen on nll or rmse, got {metric!r}")
+        self.elite_mask.zero_()
+        self.elite_mask[score.argsort()[: self.elites]] = True
+        return score
+
+
+class NormalisedTargets(nn.Module):
+    """The ensemble in normalised target coordinates: forward(x) -> the distribution of
+    (y - target_mean) / target_std, batch [E, B], event D. Shares the ensemble's parameters."""
+
+    def __init__(self, ensemble: GaussianEnsemble):
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, x: torch.Tensor) -> Independent:
+        mean, log_var = self.ensemble.normalised_head(x)
+        return _diag_normal(mean, (0.5 * log_var).exp())
+
+    def normalise(self, data: Dataset) -> Dataset:
+        ensemble = self.ensemble
+        return Dataset(data.x, (data.y - ensemble.target_mean) / ensemble.target_std)
+
+
+def _diag_normal(loc: torch.Tensor, scale: torch.Tensor) -> Independent:
+    return Independent(Normal(loc, scale, validate_args=False), 1, validate_args=False)
+
+
+def bootstrap_batches(
+    data: Dataset, members: int, batch_size: int | None, generator: torch.Generator
+) -> Iterator[Dataset]:
+    """Endless minibatches x [E, B, in], y [E, B, D]: member e draws from its own bootstrap
+    sample (N rows with replacement, drawn once), reshuffled every epoch."""
+    n = len(data)
+    sample = torch.randint(n, (members, n), generator=generator)
+    size = n if batch_size is None else min(batch_size, n)
+    while True:
+        order = torch.argsort(torch.rand(members, n, generator=generator), dim=1)
+        shuffled = sample.gather(1, order)
+        for start in range(0, n - size + 1, size):
+            index = shuffled[:, start : start + size]
+            yield Dataset(data.x[index], data.y[index])
+
+
+class LogVarPenalty:
+    """Wrap a loss: add weight · (Σ max_log_var - Σ min_log_var) of the ensemble behind `predictor`."""
+
+    def __init__(self, loss: Loss, weight: float):
+        self.loss, self.weight = loss, weight
+
+    def __call__(self, predictor: NormalisedTargets, x: torch.Tensor, y: torch.Tensor):
+        value, metrics = self.loss(predictor, x, y)
+        penalty = predictor.ensemble.log_var_penalty()
+        return value + self.weight * penalty, metrics | {"log_var_bounds": penalty.item()}
+
+
+class EnsembleLearner:
+    """Train a GaussianEnsemble with any loss: normaliser fitted on `train`, the loss evaluated in
+    normalised target units, a bootstrap sample per member, the log-variance bound penalty,
+    holdout early stopping on `val` (config.patience, config.select_on), then elites chosen on
+    `val`. Consecutive calls log on one continuing step axis.
+    """
+
+    def __init__(
+        self,
+        loss: Loss,
+        config: FitConfig,
+        penalty: float = 0.01,
+        bootstrap: bool = True,
+        seed: int = 0,
+        writer=None,
+        progress: bool | None = None,
+        description: str = "ensemble",
+    ):
+        self.loss = LogVarPenalty(loss, penalty) if penalty > 0 else loss
+        self.config, self.bootstrap, self.seed = config, bootstrap, seed
+        self.writer, self.progress, self.description = writer, progress, description
+        self.global_step = 0
+
+    def fit(
+        self, ensemble: GaussianEnsemble, train: Dataset, val: Dataset | None
+    ) -> dict[str, float]:
+        if len(train) == 0:
+            raise ConfigError("the training split is empty")
+        ensemble.fit_normaliser(train.x, train.y)
+        view = NormalisedTargets(ensemble)
+        train_n, val_n = view.normalise(train), val if val is None else view.normalise(val)
+        generator = torch.Generator().manual_seed(self.seed)
+        batches = None
+        if self.bootstrap:
+            batches = bootstrap_batches(
+                train_n, ensemble.members, self.config.batch_size, generator
+            )
+        result = fit(
+            view,
+            self.loss,
+            train_n,
+            val_n,
+            self.config,
+            batches=batches,
+            writer=self.writer,
+            step_offset=self.global_step,
+            generator=generator,
+            progress=self.progress,
+            description=self.description,
+        )
+        self.global_step += self.config.steps
+        if val is not None:
+            scores = ensemble.select_elites(val, self.config.select_on)
+            result.metrics["val/elite_score"] = float(scores[ensemble.elite_mask].mean())
+        return result.metrics | {"best_step": float(result.best_step)}
