@@ -98,11 +98,11 @@ PRESETS = {
     "pets": PETSConfig(),
     "cpu": PETSConfig(
         horizon=15,
-        population=200,
-        elites=20,
+        population=100,
+        elites=10,
         iterations=3,
         icem=True,
-        particles=10,
+        particles=5,
         hidden=(200, 200, 200),
         train_steps=1000,
     ),
@@ -276,6 +276,7 @@ class PETS:
         self._add_episode(rows)
         self.episode_returns.append(episode_return)
         self.episode_lengths.append(len(rows))
+        bar.set_postfix({"episode": len(self.episode_returns), "return": f"{episode_return:.1f}"})
         self.logger.record("rollout/ep_return", episode_return)
         self.logger.record("rollout/ep_len", len(rows))
         self.logger.record("planner/ms_per_step", 1e3 * plan_seconds / len(rows))

@@ -12,6 +12,7 @@ from typing import Any
 
 import tyro
 
+from agents.commands import EvalConfig, TrainConfig, run_eval, run_train
 from envs.collect_command import CollectConfig, run_collect
 from mbrl_bilevel.bench import BenchConfig
 from mbrl_bilevel.dynamics import DynamicsConfig
@@ -76,6 +77,8 @@ def run_bench(config: BenchConfig) -> None:
 
 
 COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
+    "train": (TrainConfig, run_train),
+    "eval": (EvalConfig, run_eval),
     "gaussian": (GaussianConfig, run_gaussian),
     "collect": (CollectConfig, run_collect),
     "dynamics": (DynamicsConfig, run_dynamics),

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from stable_baselines3.common.callbacks import BaseCallback
 
 from agents.pets import PETS, PETSConfig
 from envs.make import make_env
@@ -73,3 +74,30 @@ def test_refuses_discrete_actions_and_unknown_tasks():
         PETS(gym.make("MountainCarContinuous-v0"))
     with pytest.raises(ConfigError, match="preset"):
         PETS(make_env(POINT_MASS_ID), config="huge")
+
+
+class KillAt(BaseCallback):
+    """Simulates a crash: raises at env step `step`."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def _on_step(self):
+        if self.num_timesteps >= self.step:
+            raise KeyboardInterrupt
+        return True
+
+
+def test_killed_run_resumes_without_losing_finished_episodes(tmp_path, trained):
+    from agents.commands import EpisodeCheckpoint
+
+    path = tmp_path / "agent.pt"
+    agent = PETS(make_env(POINT_MASS_ID, seed=0), dynamics_loss="nll", config=TINY, seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        agent.learn(200, callback=[EpisodeCheckpoint(path), KillAt(125)])  # in episode 3
+    resumed = PETS.load(path, make_env(POINT_MASS_ID, seed=0))
+    assert resumed.num_timesteps == 100 and len(resumed.episode_returns) == 2
+    assert resumed.episode_returns == trained.episode_returns[:2]
+    resumed.learn(200)
+    assert len(resumed.episode_returns) == 4 and resumed.num_timesteps == 200
