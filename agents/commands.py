@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import tyro
 from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
 
 from agents.pets import PETS, PRESETS
@@ -48,7 +49,8 @@ class TrainConfig:
     out_dir: str = "runs"
     """Parent folder of run folders."""
     resume: str | None = None
-    """A run folder to continue from its last checkpoint (its saved config is used)."""
+    """A run folder to continue from its last checkpoint, up to its own --steps (its saved config
+    is used; other options are ignored)."""
     threads: int = 1
     """Torch threads (1 whenever runs share the machine)."""
     progress: bool = True
@@ -171,7 +173,7 @@ def _check(config: TrainConfig) -> None:
 class EvalConfig:
     """Evaluate a trained run (its last checkpoint) and optionally record a video."""
 
-    run: str
+    run: tyro.conf.Positional[str]
     """The run folder, runs/<name>."""
     episodes: int = 5
     """Evaluation episodes."""
@@ -190,8 +192,11 @@ def run_eval(config: EvalConfig) -> None:
     if config.episodes <= 0:
         raise ConfigError(f"--episodes must be > 0, got {config.episodes}")
     train_config = json.loads((run_dir / "config.json").read_text())
-    render_mode = "rgb_array" if config.video else None
-    env = make_env(train_config["env"], seed=config.seed, render_mode=render_mode)
+    env = make_env(train_config["env"], seed=config.seed)
+    if config.video:
+        if "rgb_array" not in env.metadata.get("render_modes", []):
+            raise ConfigError(f"{train_config['env']} cannot render frames: drop --video")
+        env = make_env(train_config["env"], seed=config.seed, render_mode="rgb_array")
     agent = AGENTS[train_config["agent"]].load(checkpoint, env)
     returns, frames = [], []
     for episode in range(config.episodes):

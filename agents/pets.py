@@ -95,7 +95,20 @@ class PETSConfig:
 
 
 PRESETS = {
-    "pets": PETSConfig(),
+    "pets": PETSConfig(),  # the PETS paper's sizes, for machines that can afford them
+    "tiny": PETSConfig(  # smoke tests and the point mass
+        horizon=10,
+        population=100,
+        elites=10,
+        iterations=3,
+        icem=True,
+        particles=4,
+        members=5,
+        elite_members=3,
+        hidden=(64, 64),
+        train_steps=200,
+        random_steps=50,
+    ),
     "cpu": PETSConfig(
         horizon=15,
         population=100,

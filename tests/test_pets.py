@@ -4,24 +4,12 @@ import numpy as np
 import pytest
 from stable_baselines3.common.callbacks import BaseCallback
 
-from agents.pets import PETS, PETSConfig
+from agents.pets import PETS, PRESETS
 from envs.make import make_env
 from envs.point_mass import POINT_MASS_ID
 from mbrl_bilevel.validation import ConfigError
 
-TINY = PETSConfig(
-    horizon=10,
-    population=100,
-    elites=10,
-    iterations=3,
-    icem=True,
-    particles=4,
-    members=5,
-    elite_members=3,
-    hidden=(64, 64),
-    train_steps=200,
-    random_steps=50,
-)
+TINY = PRESETS["tiny"]
 
 
 def train(seed=0, steps=200):
@@ -101,3 +89,45 @@ def test_killed_run_resumes_without_losing_finished_episodes(tmp_path, trained):
     assert resumed.episode_returns == trained.episode_returns[:2]
     resumed.learn(200)
     assert len(resumed.episode_returns) == 4 and resumed.num_timesteps == 200
+
+
+def test_train_and_eval_commands_write_their_files(tmp_path, capsys):
+    import json
+
+    from mbrl_bilevel.cli import main
+
+    main(
+        [
+            "train",
+            "--env",
+            POINT_MASS_ID,
+            "--dynamics-loss",
+            "nll",
+            "--preset",
+            "tiny",
+            "--steps",
+            "100",
+            "--eval-every",
+            "60",
+            "--eval-episodes",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+            "--name",
+            "run",
+            "--no-progress",
+        ]
+    )
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["env_steps"] == 100 and summary["episodes"] == 2
+    assert (run / "checkpoints" / "agent.pt").is_file() and (
+        run / "plots" / "returns.png"
+    ).is_file()
+    assert list(run.glob("events.out.tfevents.*"))
+    main(["eval", str(run), "--episodes", "1"])
+    assert json.loads((run / "eval.json").read_text())["episodes"] == 1
+    assert "run folder: " + str(run) in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
