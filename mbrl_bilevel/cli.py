@@ -12,6 +12,7 @@ from typing import Any
 
 import tyro
 
+from agents.commands import EvalConfig, TrainConfig, run_eval, run_train
 from envs.collect_command import CollectConfig, run_collect
 from mbrl_bilevel.bench import BenchConfig
 from mbrl_bilevel.dynamics import DynamicsConfig
@@ -73,6 +74,8 @@ def run_tabular(config: TabularConfig) -> None:
 
 
 COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
+    "train": (TrainConfig, run_train),
+    "eval": (EvalConfig, run_eval),
     "gaussian": (GaussianConfig, run_gaussian),
     "bench": (BenchConfig, run_bench),
     "tabular": (TabularConfig, run_tabular),
