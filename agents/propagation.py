@@ -22,8 +22,9 @@ TaskFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
 class TrajectoryEvaluator:
     """objective(actions [N, H, A]) -> mean return over particles [N], from a fixed start state.
 
-    `model(x [M, B, O + A])` must return a distribution over Δ-states with batch [M, B] and event
-    O, one row per member (a GaussianEnsemble); `elite_mask` [M] selects the members used.
+    `model(x [M, B, O + A])` must return a diagonal Gaussian over Δ-states with batch [M, B] and
+    event O, one row per member (a GaussianEnsemble); `elite_mask` [M] selects the members used.
+    Sampling draws from `generator`, so plans are reproducible.
     """
 
     def __init__(
@@ -88,7 +89,9 @@ class TrajectoryEvaluator:
         grouped = x[order].view(len(members), per_member, -1)
         full = grouped.new_zeros(self.model.members, per_member, x.shape[-1])
         full[members] = grouped
-        delta = self.model(full).sample()[members]
+        dist = self.model(full)  # diagonal Gaussian: noise from our own generator, reproducibly
+        noise = torch.randn(dist.mean.shape, generator=self.generator)
+        delta = (dist.mean + dist.stddev * noise)[members]
         out = torch.empty(len(order), delta.shape[-1])
         out[order] = delta.reshape(len(order), -1)
         return out
