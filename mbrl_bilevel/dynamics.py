@@ -117,8 +117,8 @@ class DynamicsConfig:
         missing = [s for s in chosen if s in SOLVER_STRATEGIES]
         if missing:
             raise ConfigError(
-                f"strategies {missing} need the reward solvers (mbrl_bilevel.solvers), which are "
-                "not part of this build yet"
+                f"strategies {missing} need the reward solvers wired to ensembles, which is not "
+                "done yet; choose among the others"
             )
         return chosen
 

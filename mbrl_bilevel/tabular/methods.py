@@ -14,7 +14,6 @@ Every method gets the same budget of `steps` PG/NLL steps and returns the final 
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,6 @@ from mbrl_bilevel.models import CategoricalLogistic, CategoricalMLP
 from mbrl_bilevel.rewards import FixedMahalanobis, OneHotReward, make_mahalanobis
 from mbrl_bilevel.tabular.data import Splits
 from mbrl_bilevel.training import FitConfig, evaluate, fit
-from mbrl_bilevel.validation import ConfigError
 
 METHODS = ("nll", "pg", "pg-star", "pg-plugin", "bilevel")
 SOLVER_METHODS = ("pg-plugin", "bilevel")
@@ -52,20 +50,6 @@ class MethodOptions:
     outer_lr: float = 0.05
     refresh_every: int = 20
     damping: float = 0.1
-
-
-def check_solvers_available(methods: list[str]) -> None:
-    """Raise ConfigError if a method needs mbrl_bilevel.solvers (issue 3) and it is missing."""
-    wanted = [m for m in methods if m in SOLVER_METHODS]
-    try:
-        found = importlib.util.find_spec("mbrl_bilevel.solvers.bilevel") is not None
-    except ModuleNotFoundError:
-        found = False
-    if wanted and not found:
-        raise ConfigError(
-            f"methods {wanted} need the reward solvers of issue 3 (mbrl_bilevel.solvers), which "
-            "this build does not have; choose among nll, pg, pg-star"
-        )
 
 
 def make_model(kind: str, in_dim: int, num_classes: int, hidden: tuple[int, ...]) -> nn.Module:

@@ -19,7 +19,6 @@ from mbrl_bilevel.tabular.methods import (
     SOLVER_METHODS,
     MethodOptions,
     beta_star,
-    check_solvers_available,
     make_model,
     train_method,
 )
@@ -89,7 +88,6 @@ class TabularConfig:
         unknown = sorted(set(methods) - set(METHODS))
         if unknown or not methods:
             raise ConfigError(f"unknown methods {unknown or methods}; choose from {METHODS}")
-        check_solvers_available(methods)
         if self.batch_size is not None and set(methods) & set(SOLVER_METHODS):
             raise ConfigError(
                 "pg-plugin and bilevel train on full batches; drop --batch-size or those methods"
