@@ -151,7 +151,9 @@ class PETS:
         self.model = GaussianEnsemble(
             obs_dim + act_dim, obs_dim, config.members, config.elite_members, config.hidden
         )
-        self.learner = make_dynamics_learner(dynamics_loss, config.fit_config(), seed=seed)
+        self.learner = make_dynamics_learner(
+            dynamics_loss, config.fit_config(), obs_dim + act_dim, obs_dim, seed=seed
+        )
         low = torch.as_tensor(env.action_space.low, dtype=torch.float32)
         high = torch.as_tensor(env.action_space.high, dtype=torch.float32)
         generator = torch.Generator().manual_seed(seed)
@@ -217,7 +219,7 @@ class PETS:
             "episode_returns": self.episode_returns,
             "episode_lengths": self.episode_lengths,
             "model_trained": self.model_trained,
-            "learner_step": self.learner.global_step,
+            "learner": self.learner.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "planner_rng": self.planner.generator.get_state(),
             "numpy_rng": self.rng.bit_generator.state,
@@ -240,7 +242,7 @@ class PETS:
             state["model_trained"],
         )
         agent.episode_lengths = state["episode_lengths"]
-        agent.learner.global_step = state["learner_step"]
+        agent.learner.load_state_dict(state["learner"])
         torch.set_rng_state(state["torch_rng"])
         agent.planner.generator.set_state(state["planner_rng"])
         agent.rng.bit_generator.state = state["numpy_rng"]

@@ -29,28 +29,22 @@ from torch.distributions import Distribution, Independent, Normal
 from torch.utils.tensorboard import SummaryWriter
 
 from mbrl_bilevel.data import Dataset, random_split
-from mbrl_bilevel.ensemble import EnsembleLearner, GaussianEnsemble, NormalisedTargets
-from mbrl_bilevel.gaussian import optimal_reward_matrix, residual_covariance, scaled_reward_scalar
-from mbrl_bilevel.losses import BASELINES, BetaNLLLoss, MSELoss, NLLLoss, PGLoss
+from mbrl_bilevel.ensemble import GaussianEnsemble
+from mbrl_bilevel.learners import (
+    DYNAMICS_LOSSES,
+    ESTIMATORS,
+    PGOptions,
+    make_dynamics_learner,
+    make_loss,
+)
+from mbrl_bilevel.losses import BASELINES
 from mbrl_bilevel.models import GaussianMLP
 from mbrl_bilevel.parallel import map_seeds
-from mbrl_bilevel.rewards import FixedMahalanobis
 from mbrl_bilevel.training import FitConfig, LossLearner
 from mbrl_bilevel.transitions import Transitions
 from mbrl_bilevel.validation import ConfigError, check_positive
 
-STRATEGIES = (
-    "mse",
-    "nll",
-    "nll-beta",
-    "pg-identity",
-    "pg-scaled",
-    "pg-raw-sigma",
-    "pg-plugin",
-    "bilevel",
-    "bilevel-input",
-)
-SOLVER_STRATEGIES = ("pg-plugin", "bilevel", "bilevel-input")
+STRATEGIES = DYNAMICS_LOSSES
 METRICS = ("rmse", "nll", "cal1", "cal2", "rollout_rmse")
 
 
@@ -61,7 +55,7 @@ class DynamicsConfig:
     dataset: str | None = None
     """A .npz transition file or a Minari dataset id; none: collect a HalfCheetah-v5 random-policy
     dataset of --collect-steps transitions."""
-    strategies: str = "mse,nll,nll-beta,pg-identity,pg-scaled,pg-raw-sigma"
+    strategies: str = ",".join(STRATEGIES)
     """Comma-separated strategies: mse, nll, nll-beta, pg-identity, pg-scaled, pg-raw-sigma,
     pg-plugin, bilevel, bilevel-input."""
     seeds: int = 5
@@ -76,6 +70,12 @@ class DynamicsConfig:
     """Samples G per input of the PG strategies."""
     baseline: str = "mean"
     """PG baseline: none, mean (leave-one-out), grpo or min."""
+    estimator: str = "score"
+    """PG gradient estimator: score (REINFORCE, the paper's) or pathwise (reparameterised)."""
+    refresh_every: int = 50
+    """Steps between reward updates of pg-plugin (refresh) and bilevel (outer steps)."""
+    outer_lr: float = 0.05
+    """Adam learning rate of the bilevel reward parameters."""
     beta: float = 0.5
     """β of nll-beta."""
     steps: int | None = None
@@ -114,12 +114,6 @@ class DynamicsConfig:
         unknown = [s for s in chosen if s not in STRATEGIES]
         if unknown or not chosen:
             raise ConfigError(f"unknown strategies {unknown or chosen}; choose from {STRATEGIES}")
-        missing = [s for s in chosen if s in SOLVER_STRATEGIES]
-        if missing:
-            raise ConfigError(
-                f"strategies {missing} need the reward solvers wired to ensembles, which is not "
-                "done yet; choose among the others"
-            )
         return chosen
 
     def hidden_sizes(self) -> tuple[int, ...]:
@@ -146,6 +140,8 @@ class DynamicsConfig:
         check_positive(self.lam, "--lam (entropy weight λ)")
         if self.baseline not in BASELINES:
             raise ConfigError(f"unknown --baseline {self.baseline!r}; choose from {BASELINES}")
+        if self.estimator not in ESTIMATORS:
+            raise ConfigError(f"unknown --estimator {self.estimator!r}; choose from {ESTIMATORS}")
         for name in ("seeds", "generations", "batch_size", "members", "elites", "horizon"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
@@ -168,33 +164,16 @@ def make_model(config: DynamicsConfig, in_dim: int, out_dim: int) -> nn.Module:
     )
 
 
-def reward_matrix(strategy: str, train: Dataset, lam: float) -> torch.Tensor:
-    """U [D, D] of a fixed-reward PG strategy, from training targets in the loss's coordinates.
-
-    pg-identity: I. pg-scaled: λd/(2 tr Σ̂) I with Σ̂ the residual covariance of a least-squares
-    fit. pg-raw-sigma: (λ/2) Σ̂⁻¹ with Σ̂ the covariance of the targets themselves (the
-    reference's pitfall).
-    """
-    eye = torch.eye(train.y.shape[1])
-    data = Dataset(train.x.double(), train.y.double())
-    if strategy == "pg-identity":
-        return eye
-    if strategy == "pg-scaled":
-        return scaled_reward_scalar(residual_covariance(data), lam) * eye
-    if strategy == "pg-raw-sigma":
-        return optimal_reward_matrix(torch.cov(data.y.T).reshape(eye.shape), lam).float()
-    raise ConfigError(f"{strategy!r} is not a fixed-reward PG strategy")
-
-
-def make_loss(strategy: str, train: Dataset, config: DynamicsConfig):
-    if strategy == "mse":
-        return MSELoss()
-    if strategy == "nll":
-        return NLLLoss()
-    if strategy == "nll-beta":
-        return BetaNLLLoss(config.beta)
-    U = reward_matrix(strategy, train, config.lam)
-    return PGLoss(FixedMahalanobis(U), config.lam, config.generations, config.baseline)
+def pg_options(config: DynamicsConfig) -> PGOptions:
+    return PGOptions(
+        lam=config.lam,
+        generations=config.generations,
+        baseline=config.baseline,
+        estimator=config.estimator,
+        refresh_every=config.refresh_every,
+        outer_lr=config.outer_lr,
+        beta=config.beta,
+    )
 
 
 def train_strategy(
@@ -206,28 +185,28 @@ def train_strategy(
     seed: int,
     writer=None,
 ):
-    """Fit `model` in place with `strategy` (TensorBoard train/ and val/ scalars to `writer`);
-    returns the learner's metrics."""
-    select_on = "rmse" if strategy == "mse" else "nll"
+    """Fit `model` in place with `strategy` (TensorBoard train/, val/ and reward/ scalars to
+    `writer`); returns the learner's metrics. The paper protocol trains on the full batch and
+    keeps the final weights (its held-out split still drives pg-plugin and bilevel)."""
+    in_dim, out_dim = train.x.shape[1], train.y.shape[1]
     if config.paper:
         fit_config = FitConfig(
             steps=config.resolved_steps(), lr=config.lr, clip_grad_norm=10.0, eval_every=50
         )
-        loss = make_loss(strategy, train, config)
-        return LossLearner(loss, fit_config, writer, progress=False).fit(model, train, None)
-    model.fit_normaliser(train.x, train.y)
-    loss = make_loss(strategy, NormalisedTargets(model).normalise(train), config)
+        loss, update = make_loss(strategy, in_dim, out_dim, seed, pg_options(config))
+        learner = LossLearner(
+            loss, fit_config, writer, progress=False, update=update, select_best=False
+        )
+        return learner.fit(model, train, val)
     fit_config = FitConfig(
         steps=config.resolved_steps(),
         lr=config.lr,
         batch_size=config.batch_size,
         eval_every=config.eval_every,
         patience=config.patience,
-        select_on=select_on,
     )
-    penalty = 0.0 if strategy == "mse" else 0.01
-    learner = EnsembleLearner(
-        loss, fit_config, penalty=penalty, seed=seed, writer=writer, progress=False
+    learner = make_dynamics_learner(
+        strategy, fit_config, in_dim, out_dim, seed, writer, pg_options(config), progress=False
     )
     return learner.fit(model, train, val)
 

@@ -134,6 +134,11 @@ class NormalisedTargets(nn.Module):
         mean, log_var = self.ensemble.normalised_head(x)
         return _diag_normal(mean, (0.5 * log_var).exp())
 
+    def output_layer_names(self) -> list[str]:
+        """Names (in this module) of the last layer's weight [E, h, 2D] and bias [E, 1, 2D]."""
+        last = len(self.ensemble.weights) - 1
+        return [f"ensemble.weights.{last}", f"ensemble.biases.{last}"]
+
     def normalise(self, data: Dataset) -> Dataset:
         ensemble = self.ensemble
         return Dataset(data.x, (data.y - ensemble.target_mean) / ensemble.target_std)
@@ -176,6 +181,10 @@ class EnsembleLearner:
     normalised target units, a bootstrap sample per member, the log-variance bound penalty,
     holdout early stopping on `val` (config.patience, config.select_on), then elites chosen on
     `val`. Consecutive calls log on one continuing step axis.
+
+    `update` (solvers.updates: FixedReward, PluginRefresh, ImplicitRefresh) adapts the reward of
+    a PG loss: `update.start(view, train, val)` with normalised data at the start of each fit,
+    `update(step, view)` after every step.
     """
 
     def __init__(
@@ -188,8 +197,10 @@ class EnsembleLearner:
         writer=None,
         progress: bool | None = None,
         description: str = "ensemble",
+        update=None,
     ):
         self.loss = LogVarPenalty(loss, penalty) if penalty > 0 else loss
+        self.update = update
         self.config, self.bootstrap, self.seed = config, bootstrap, seed
         self.writer, self.progress, self.description = writer, progress, description
         self.global_step = 0
@@ -202,6 +213,8 @@ class EnsembleLearner:
         ensemble.fit_normaliser(train.x, train.y)
         view = NormalisedTargets(ensemble)
         train_n, val_n = view.normalise(train), val if val is None else view.normalise(val)
+        if self.update is not None:
+            self.update.start(view, train_n, val_n)
         generator = torch.Generator().manual_seed(self.seed)
         batches = None
         if self.bootstrap:
@@ -220,9 +233,20 @@ class EnsembleLearner:
             generator=generator,
             progress=self.progress,
             description=self.description,
+            on_step=self.update,
         )
         self.global_step += self.config.steps
         if val is not None:
             scores = ensemble.select_elites(val, self.config.select_on)
             result.metrics["val/elite_score"] = float(scores[ensemble.elite_mask].mean())
         return result.metrics | {"best_step": float(result.best_step)}
+
+    def state_dict(self) -> dict:
+        """What a resumed agent needs: the step axis and the reward update's state."""
+        update = self.update.state_dict() if self.update is not None else None
+        return {"global_step": self.global_step, "update": update}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_step = state["global_step"]
+        if self.update is not None:
+            self.update.load_state_dict(state["update"])

@@ -77,6 +77,12 @@ class DiagonalMahalanobis(MahalanobisReward):
     def matrix(self) -> torch.Tensor:
         return torch.diag(self.log_diag.exp())
 
+    @torch.no_grad()
+    def set_constant(self, matrix: torch.Tensor) -> None:
+        """Move φ so that U = diag(matrix) ([D, D], SPD)."""
+        check_spd(matrix, "reward matrix U")
+        self.log_diag.copy_(matrix.diagonal().log())
+
 
 class CholeskyMahalanobis(MahalanobisReward):
     """U = L Lᵀ, L lower triangular with a positive (exp) diagonal; full SPD and learnable."""
@@ -102,7 +108,8 @@ class InputDependentMahalanobis(MahalanobisReward):
     """U(x) = L(x) L(x)ᵀ with L(x) from a small MLP (positive, softly bounded diagonal).
 
     The output layer starts at zero weights, so U(x) ≈ `initial` for every x at first.
-    `matrix()` (no input) is not defined; use `matrix_at(x)` -> [B, D, D].
+    `matrix()` (no input) is not defined; use `matrix_at(x)` -> [B, D, D]. The MLP sees
+    (x - input_mean) / input_std, statistics set only by `fit_normaliser` (identity until then).
     """
 
     def __init__(
@@ -118,12 +125,24 @@ class InputDependentMahalanobis(MahalanobisReward):
         self.dim = initial.shape[0]
         self.min_log, self.max_log = min_log, max_log
         self.net = mlp(in_dim, self.dim * (self.dim + 1) // 2, hidden)
-        chol = torch.linalg.cholesky(initial.float())
+        self.set_constant(initial)
+        self.register_buffer("input_mean", torch.zeros(in_dim))
+        self.register_buffer("input_std", torch.ones(in_dim))
+
+    @torch.no_grad()
+    def set_constant(self, matrix: torch.Tensor) -> None:
+        """Move φ so that U(x) = matrix [D, D] (SPD) at every x: zero output weights."""
+        check_spd(matrix, "reward matrix U")
+        chol = torch.linalg.cholesky(matrix.to(self.net[-1].bias))
         rows, cols = torch.tril_indices(self.dim, self.dim)
-        raw = torch.where(rows == cols, chol[rows, cols].log(), chol[rows, cols])
-        with torch.no_grad():
-            self.net[-1].weight.zero_()
-            self.net[-1].bias.copy_(raw)
+        self.net[-1].weight.zero_()
+        self.net[-1].bias.copy_(torch.where(rows == cols, chol[rows, cols].log(), chol[rows, cols]))
+
+    def fit_normaliser(self, x: torch.Tensor) -> None:
+        """Set the input statistics from x [N, in] (constant columns get std 1)."""
+        std = x.std(0)
+        self.input_mean.copy_(x.mean(0))
+        self.input_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
     def matrix(self) -> torch.Tensor:
         raise ConfigError("an input-dependent reward has no single matrix; call matrix_at(x)")
@@ -131,7 +150,8 @@ class InputDependentMahalanobis(MahalanobisReward):
     def matrix_at(self, x: torch.Tensor | None) -> torch.Tensor:
         if x is None:
             raise ConfigError("an input-dependent reward needs the inputs x")
-        chol = lower_cholesky(self.net(x), self.dim, self.min_log, self.max_log)
+        h = (x - self.input_mean) / self.input_std
+        chol = lower_cholesky(self.net(h), self.dim, self.min_log, self.max_log)
         return chol @ chol.transpose(-2, -1)
 
 

@@ -19,6 +19,7 @@ from mbrl_bilevel.validation import ConfigError
 
 Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 Monitor = Callable[[nn.Module], dict[str, float]]
+StepHook = Callable[[int, nn.Module], dict[str, float]]
 
 
 @dataclass(frozen=True)
@@ -93,14 +94,16 @@ def fit(
     batches: Iterator[Dataset] | None = None,
     progress: bool | None = None,
     description: str = "fit",
+    on_step: StepHook | None = None,
 ) -> FitResult:
     """Train `predictor` in place by minimising `loss` on `train`.
 
     Validation on `val` (and `monitor(predictor)`, if given) runs every `eval_every` steps and at
     the end; with a val split the weights with the lowest `select_on` metric are restored.
     `batches` (endless) replaces the default shuffled minibatches of `train` (an ensemble's
-    per-member bootstrap batches). `progress=None` shows a bar only on a terminal. Returns a
-    FitResult.
+    per-member bootstrap batches). `on_step(step, predictor)` runs after every optimiser step
+    (a reward update); the `group/key` scalars it returns go to TensorBoard. `progress=None`
+    shows a bar only on a terminal. Returns a FitResult.
     """
     if len(train) == 0:
         raise ConfigError("the training split is empty")
@@ -132,6 +135,8 @@ def fit(
         optimizer.step()
         schedule.step()
         _log(writer, "train", {"loss": value.item(), **metrics}, step_offset + step)
+        if on_step is not None:
+            _log_scalars(writer, on_step(step, predictor), step_offset + step)
         if step % config.eval_every and step != config.steps:
             continue
         row: dict[str, float] = {"step": float(step)}
@@ -140,9 +145,7 @@ def fit(
         if monitor is not None:
             row |= monitor(predictor)
         history.append(row)
-        for key, v in row.items():
-            if key != "step" and writer is not None:
-                writer.add_scalar(key if "/" in key else f"eval/{key}", v, step_offset + step)
+        _log_scalars(writer, row, step_offset + step)
         bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "step"}, refresh=False)
         if val is None:
             continue
@@ -162,25 +165,39 @@ def fit(
 
 
 class LossLearner:
-    """The nll, mse and pg strategies: fit a predictor by minimising one loss.
+    """The nll, mse and pg strategies: fit a predictor by minimising one loss; `update`
+    (solvers.updates) adapts a PG loss's reward: start(predictor, train, val), then after each step.
+    With select_best=False, `val` feeds only the update: no validation, the final weights are kept.
 
     Consecutive calls of `fit` (an agent retraining its model) log on one continuing step axis.
     """
 
-    def __init__(self, loss: Loss, config: FitConfig, writer=None, progress: bool | None = None):
+    def __init__(
+        self,
+        loss: Loss,
+        config: FitConfig,
+        writer=None,
+        progress: bool | None = None,
+        update=None,
+        select_best: bool = True,
+    ):
         self.loss, self.config, self.writer, self.progress = loss, config, writer, progress
+        self.update, self.select_best = update, select_best
         self.global_step = 0
 
     def fit(self, predictor: nn.Module, train: Dataset, val: Dataset | None) -> dict[str, float]:
+        if self.update is not None:
+            self.update.start(predictor, train, val)
         result = fit(
             predictor,
             self.loss,
             train,
-            val,
+            val if self.select_best else None,
             self.config,
             writer=self.writer,
             step_offset=self.global_step,
             progress=self.progress,
+            on_step=self.update,
         )
         self.global_step += self.config.steps
         return result.metrics
@@ -202,6 +219,13 @@ def _bar_disabled(progress: bool | None) -> bool | None:
 
 
 def _log(writer, group: str, metrics: dict[str, float], step: int) -> None:
-    if writer is not None:
-        for key, value in metrics.items():
-            writer.add_scalar(f"{group}/{key}", value, step)
+    _log_scalars(writer, {f"{group}/{key}": value for key, value in metrics.items()}, step)
+
+
+def _log_scalars(writer, row: dict[str, float], step: int) -> None:
+    """Write a row's scalars (bare keys under eval/; the row's own "step" is skipped)."""
+    if writer is None:
+        return
+    for key, value in row.items():
+        if key != "step":
+            writer.add_scalar(key if "/" in key else f"eval/{key}", value, step)

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributions import Independent, Normal
 
 from mbrl_bilevel.cli import main
@@ -14,10 +15,11 @@ from mbrl_bilevel.data import Dataset
 from mbrl_bilevel.dynamics import (
     DynamicsConfig,
     heldout_metrics,
-    reward_matrix,
     rollout_rmse,
     rollout_starts,
 )
+from mbrl_bilevel.learners import DYNAMICS_LOSSES
+from mbrl_bilevel.learners import fixed_reward_matrix as reward_matrix
 from mbrl_bilevel.train_bench import TrainBenchConfig, linear_flops_per_step, run_train_bench
 from mbrl_bilevel.transitions import Transitions
 from mbrl_bilevel.validation import ConfigError
@@ -105,8 +107,9 @@ TINY = ["--seeds", "2", "--jobs", "1", "--members", "3", "--elites", "2", "--hid
 def test_dynamics_command_writes_run_folder(tmp_path, capsys, protocol):
     path = tmp_path / "lin.npz"
     linear_system().save_npz(path)
-    strategies = "mse,nll,nll-beta,pg-identity,pg-scaled,pg-raw-sigma"
+    strategies = ",".join(DYNAMICS_LOSSES)
     args = ["dynamics", "--dataset", str(path), "--strategies", strategies, *TINY]
+    args += ["--refresh-every", "10"]
     args += ["--steps", "30", "--eval-every", "10", "--protocol", protocol]
     main([*args, "--out-dir", str(tmp_path), "--name", "tiny"])
     run = tmp_path / "tiny"
@@ -115,6 +118,8 @@ def test_dynamics_command_writes_run_folder(tmp_path, capsys, protocol):
         assert (run / name).is_file(), name
     events = list((run / "tb").glob("pg-scaled-seed1/events.*"))
     assert events and events[0].stat().st_size > 1000  # train/, val/ and test/ scalars
+    scalars = EventAccumulator(str(next((run / "tb").glob("bilevel-seed0")))).Reload()
+    assert {"solver/residual", "reward/u_eig_min"} <= set(scalars.Tags()["scalars"])
     summary = json.loads((run / "summary.json").read_text())
     assert list(summary["final"]) == strategies.split(",")
     for strategy, numbers in summary["final"].items():
@@ -216,18 +221,18 @@ def test_bad_options_exit_2(capsys, args, message):
     assert message in capsys.readouterr().err
 
 
-def test_solver_strategies_and_lambda_are_checked():
+def test_lambda_and_estimator_are_checked():
     with pytest.raises(ConfigError, match="--lam"):
         DynamicsConfig(lam=-1).validate()
-    with pytest.raises(ConfigError, match="reward solvers"):
-        DynamicsConfig(strategies="mse,bilevel").validate()
+    with pytest.raises(ConfigError, match="--estimator"):
+        DynamicsConfig(estimator="magic").validate()
 
 
 def test_train_bench_counts_flops_and_reports_a_share():
     assert linear_flops_per_step(23, 17, (200,) * 4, 7, 256) == 6 * 7 * 256 * 131_400
-    config = TrainBenchConfig(strategies="nll,pg-identity", hidden="64,64", steps=5, rounds=1)
+    config = TrainBenchConfig(strategies="nll,bilevel", hidden="64,64", steps=5, rounds=1)
     rows, context = run_train_bench(config)
     assert context["flops_per_step"] == linear_flops_per_step(23, 17, (64, 64), 7, 256)
-    assert [row["strategy"] for row in rows] == ["nll", "pg-identity"]
+    assert [row["strategy"] for row in rows] == ["nll", "bilevel"]
     for row in rows:
         assert row["transitions_per_s"] > 0 and 0 < row["share_of_matmul"] < 2

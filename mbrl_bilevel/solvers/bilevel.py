@@ -132,47 +132,76 @@ class BilevelLearner:
         inner.run(train, self.warmup_steps)
         warm = None
         for _ in range(self.outer_steps):
-            row: dict[str, float] = {}
-            skip = False
             if self.method == "implicit":
                 inner.run(train, self.inner_steps)
-                hypergradient, v, info = implicit_hypergradient(
-                    problem, problem.theta(), problem.phi(), self.linear, warm
+                row, warm = implicit_outer_step(
+                    problem, self.outer_optimizer, self.linear, warm, self.outer_step + 1
                 )
-                warm = v if info.converged else None  # never warm-start from a failed solve
-                row = {"solver/residual": info.residual, "solver/iterations": info.iterations}
-                skip = info.residual >= 1.0  # no better than v = 0: the hypergradient is noise
-                if skip:
-                    log.warning(
-                        "outer step %d skipped: the linear solve's relative residual is %.3g "
-                        "(the Hessian of -J is not positive definite here; raise the damping)",
-                        self.outer_step + 1,
-                        info.residual,
-                    )
             else:
                 hypergradient, theta = unrolled_hypergradient(
                     problem, problem.theta(), problem.phi(), self.inner_steps, self.unroll_lr
                 )
                 problem.set_theta(theta)
-            norm = float(hypergradient.norm())
-            if not skip and not math.isfinite(norm):
-                raise FloatingPointError(
-                    f"the {self.method} hypergradient is not finite at outer step "
-                    f"{self.outer_step + 1}; lower the learning rates or raise damping"
-                )
-            if not skip:  # a skipped step leaves φ and the Adam moments untouched
-                self.outer_optimizer.zero_grad(set_to_none=True)
-                problem.set_phi_grad(hypergradient)
-                self.outer_optimizer.step()
+                row = {
+                    "outer/hypergrad_norm": _checked_norm(
+                        hypergradient, "unrolled", self.outer_step + 1
+                    )
+                }
+                apply_hypergradient(problem, self.outer_optimizer, hypergradient)
             if self.schedule is not None:
                 self.schedule.step()
             self.outer_step += 1
             row = {
                 "step": float(self.warmup_steps + self.outer_step * self.inner_steps),
                 "outer_step": float(self.outer_step),
-                "outer/hypergrad_norm": norm,
                 **row,
                 **outer_row(predictor, self.reward, train, val, self.u_star),
             }
             self.history.append(log_row(self.writer, row, self.monitor, predictor, self.reward))
         return final_metrics(self.history)
+
+
+def apply_hypergradient(problem: BilevelProblem, optimizer, hypergradient: torch.Tensor) -> None:
+    """One step of the outer optimiser along dF/dφ [Q]."""
+    optimizer.zero_grad(set_to_none=True)
+    problem.set_phi_grad(hypergradient)
+    optimizer.step()
+
+
+def _checked_norm(hypergradient: torch.Tensor, method: str, index: int) -> float:
+    norm = float(hypergradient.norm())
+    if not math.isfinite(norm):
+        raise FloatingPointError(
+            f"the {method} hypergradient is not finite at outer step {index}; lower the "
+            "learning rates or raise the damping"
+        )
+    return norm
+
+
+def implicit_outer_step(
+    problem: BilevelProblem,
+    optimizer: torch.optim.Optimizer,
+    linear: LinearSolverConfig,
+    warm: torch.Tensor | None,
+    index: int,
+) -> tuple[dict[str, float], torch.Tensor | None]:
+    """One implicit (IFT) outer step at the predictor's current θ: the hypergradient, then a step
+    of `optimizer` on φ unless the linear solve is no better than v = 0 (relative residual >= 1:
+    the Hessian of -J is not positive definite there), which leaves φ and the optimiser's moments
+    untouched. `warm` is the previous solution v [P]. Returns (solver/ and outer/ scalars, the v
+    to warm-start the next solve, None after a failed one)."""
+    hypergradient, v, info = implicit_hypergradient(
+        problem, problem.theta(), problem.phi(), linear, warm
+    )
+    row = {"solver/residual": info.residual, "solver/iterations": float(info.iterations)}
+    if info.residual >= 1.0:
+        log.warning(
+            "outer step %d skipped: the linear solve's relative residual is %.3g (the Hessian of "
+            "-J is not positive definite here; raise the damping)",
+            index,
+            info.residual,
+        )
+        return row | {"outer/hypergrad_norm": float(hypergradient.norm())}, None
+    row["outer/hypergrad_norm"] = _checked_norm(hypergradient, "implicit", index)
+    apply_hypergradient(problem, optimizer, hypergradient)
+    return row, (v if info.converged else None)

@@ -13,6 +13,8 @@ Unrolled: θ_K = K gradient steps θ ← θ - η ∇_θ L from θ_0, F = NLL(θ_
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jacfwd, vjp
@@ -44,7 +46,9 @@ def _named(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 class BilevelProblem:
     """The bilevel problem of one (predictor, reward, objective, train, val) as functions of flat
-    θ [P] and φ [Q]. The modules are only read (`theta()`, `phi()`) or written (`set_theta`)."""
+    θ [P] and φ [Q]. The modules are only read (`theta()`, `phi()`) or written (`set_theta`).
+    `theta_names` restricts θ to those predictor parameters (e.g. the output layer: the other
+    parameters stay fixed at their current values, a common cheap approximation of the IFT)."""
 
     def __init__(
         self,
@@ -53,10 +57,19 @@ class BilevelProblem:
         objective: Objective,
         train: Dataset,
         val: Dataset,
+        theta_names: Collection[str] | None = None,
     ):
         self.joint = _Joint(predictor, reward, objective)
         self.predictor, self.reward, self.train, self.val = predictor, reward, train, val
-        self._theta = _named(predictor)
+        chosen = [theta_names is None or name in theta_names for name, _ in _named(predictor)]
+        self._theta = [pair for pair, keep in zip(_named(predictor), chosen, strict=True) if keep]
+        if not self._theta:
+            raise ValueError(f"no predictor parameter is named in {theta_names}")
+        self._fixed = {  # the other parameters, detached: constants of the functional calls
+            name: p.detach()
+            for (name, p), keep in zip(_named(predictor), chosen, strict=True)
+            if not keep
+        }
         self._phi = _named(reward)
 
     @staticmethod
@@ -94,12 +107,13 @@ class BilevelProblem:
     def inner_loss(self, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
         """L(θ, φ) = -J on the train split: scalar."""
         params = self._unflat(theta, self._theta, "predictor.")
+        params |= {f"predictor.{name}": p for name, p in self._fixed.items()}
         params |= self._unflat(phi, self._phi, "reward.")
         return -functional_call(self.joint, params, (self.train.x, self.train.y))
 
     def outer_loss(self, theta: torch.Tensor) -> torch.Tensor:
         """F = held-out NLL per sample: scalar."""
-        params = self._unflat(theta, self._theta, "")
+        params = self._unflat(theta, self._theta, "") | self._fixed
         dist = functional_call(self.predictor, params, (self.val.x,))
         return -dist.log_prob(self.val.y).mean()
 

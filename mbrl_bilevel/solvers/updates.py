@@ -1,0 +1,191 @@
+"""Reward updates that run inside a minibatch fit (`training.fit(on_step=...)`), so an ensemble
+keeps its bootstrap batches, log-variance penalty, normalised targets and early stopping while
+PG trains it under a reward that changes:
+
+- FixedReward: U chosen once per fit from the training split (pg-identity, pg-scaled, ...).
+- PluginRefresh: U = (λ/2)Σ̂⁻¹ (diag, full or scalar) from the held-out residuals, every K steps.
+- ImplicitRefresh: φ moved by the IFT hypergradient of the held-out NLL every K steps, from
+  minibatches of the train split (the Hessian) and the held-out split (∇_θ F).
+
+An update is used as `update.start(predictor, train, val)` at the start of each fit (data in the
+loss's coordinates), then `update(step, predictor) -> scalars` after every optimiser step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from mbrl_bilevel.data import Dataset
+from mbrl_bilevel.rewards import FixedMahalanobis, InputDependentMahalanobis
+from mbrl_bilevel.solvers.bilevel import implicit_outer_step
+from mbrl_bilevel.solvers.hypergrad import BilevelProblem
+from mbrl_bilevel.solvers.inner import reward_diagnostics
+from mbrl_bilevel.solvers.linear import LinearSolverConfig
+from mbrl_bilevel.solvers.objectives import Objective
+from mbrl_bilevel.solvers.plugin import plugin_matrix, residual_covariance, shrink
+from mbrl_bilevel.validation import ConfigError, check_positive
+
+
+class RewardUpdate(Protocol):
+    def start(self, predictor: nn.Module, train: Dataset, val: Dataset | None) -> None: ...
+
+    def __call__(self, step: int, predictor: nn.Module) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class _RewardState:
+    """state_dict / load_state_dict of an update whose only state is its reward module."""
+
+    reward: nn.Module
+
+    def state_dict(self) -> dict:
+        return {"reward": self.reward.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reward.load_state_dict(state["reward"])
+
+
+def _require_val(val: Dataset | None, who: str) -> Dataset:
+    if val is None or len(val) == 0:
+        raise ConfigError(f"{who} needs a non-empty held-out split")
+    return val
+
+
+class FixedReward(_RewardState):
+    """U [D, D] = choose(train) at the start of every fit; nothing changes during the fit."""
+
+    def __init__(self, reward: FixedMahalanobis, choose: Callable[[Dataset], torch.Tensor]):
+        self.reward, self.choose = reward, choose
+
+    def start(self, predictor: nn.Module, train: Dataset, val: Dataset | None) -> None:
+        self.reward.U.copy_(self.choose(train).to(self.reward.U))
+
+    def __call__(self, step: int, predictor: nn.Module) -> dict[str, float]:
+        return {}
+
+
+class PluginRefresh(_RewardState):
+    """The plug-in reward U = plugin_matrix(kind, Σ̂, λ), Σ̂ the covariance of the held-out
+    residuals y - μ_θ(x) (ensemble members pooled), re-estimated at the start of each fit and
+    every `every` steps. For a diagonal Gaussian model `diag` is the right kind: PG then learns
+    each dimension's residual variance (SPEC section 2)."""
+
+    def __init__(
+        self,
+        reward: FixedMahalanobis,
+        lam: float,
+        kind: str = "diag",
+        every: int = 50,
+        max_condition: float = 1e6,
+    ):
+        if kind not in ("full", "diag", "scalar"):
+            raise ConfigError(f"plug-in kind must be full, diag or scalar, got {kind!r}")
+        if every <= 0:
+            raise ConfigError(f"the plug-in refresh interval must be > 0, got {every}")
+        self.reward, self.lam, self.kind = reward, check_positive(lam, "λ"), kind
+        self.every, self.max_condition = every, max_condition
+        self.val: Dataset | None = None
+
+    def start(self, predictor: nn.Module, train: Dataset, val: Dataset | None) -> None:
+        self.val = _require_val(val, "the plug-in reward")
+        self._refresh(predictor)
+
+    def _refresh(self, predictor: nn.Module) -> None:
+        sigma = shrink(residual_covariance(predictor, self.val), self.max_condition)
+        self.reward.U.copy_(plugin_matrix(self.kind, sigma, self.lam))
+
+    def __call__(self, step: int, predictor: nn.Module) -> dict[str, float]:
+        if step % self.every:
+            return {}
+        self._refresh(predictor)
+        return reward_diagnostics(self.reward, self.val.x[:1])
+
+
+class ImplicitRefresh:
+    """Learn the reward's φ during the fit: every `every` steps one implicit outer step (IFT
+    hypergradient of the held-out NLL from the differentiable `objective`, then Adam on φ),
+    on `batch_size` random rows of each split. The outer Adam and the CG warm start persist
+    across fits (an agent retraining its model keeps learning the same reward).
+
+    With `output_layer_only`, θ in the IFT is the predictor's output layer
+    (`predictor.output_layer_names()`), the features held fixed: -J is then (nearly) convex in θ,
+    so CG converges; over every parameter of a deep ensemble the Hessian is indefinite and most
+    solves fail. With `plugin_start`, the first outer step first sets U (constant in x) to the diagonal
+    plug-in (λ/2)diag(Σ̂)⁻¹ of the held-out residuals: the closed-form optimum for a
+    homoscedastic model, from which the hypergradient refines (a log-U that starts far away
+    needs many outer steps of a bounded-step optimiser like Adam)."""
+
+    def __init__(
+        self,
+        reward: nn.Module,
+        objective: Objective,
+        every: int = 50,
+        batch_size: int = 1024,
+        outer_lr: float = 0.05,
+        linear: LinearSolverConfig | None = None,
+        seed: int = 0,
+        plugin_start: bool = True,
+        output_layer_only: bool = True,
+    ):
+        if every <= 0 or batch_size <= 0:
+            raise ConfigError(f"every and batch_size must be > 0, got {every}, {batch_size}")
+        self.reward, self.objective, self.every, self.batch_size = (
+            reward,
+            objective,
+            every,
+            batch_size,
+        )
+        self.linear = linear or LinearSolverConfig(damping=1e-2, max_iter=10, tol=1e-2)
+        self.optimizer = torch.optim.Adam(reward.parameters(), lr=check_positive(outer_lr, "lr"))
+        self.generator = torch.Generator().manual_seed(seed)
+        self.plugin_start, self.output_layer_only = plugin_start, output_layer_only
+        self.warm: torch.Tensor | None = None
+        self.outer_step = 0
+        self.train: Dataset | None = None
+        self.val: Dataset | None = None
+
+    def start(self, predictor: nn.Module, train: Dataset, val: Dataset | None) -> None:
+        self.train, self.val = train, _require_val(val, "the bilevel reward")
+        if isinstance(self.reward, InputDependentMahalanobis) and self.outer_step == 0:
+            self.reward.fit_normaliser(train.x)
+
+    def _rows(self, data: Dataset) -> Dataset:
+        index = torch.randperm(len(data), generator=self.generator)[: self.batch_size]
+        return data.subset(index)
+
+    def __call__(self, step: int, predictor: nn.Module) -> dict[str, float]:
+        if step % self.every:
+            return {}
+        if self.outer_step == 0 and self.plugin_start:
+            sigma = residual_covariance(predictor, self.val)
+            self.reward.set_constant(plugin_matrix("diag", sigma, self.objective.lam))
+        self.outer_step += 1
+        train, val = self._rows(self.train), self._rows(self.val)
+        names = predictor.output_layer_names() if self.output_layer_only else None
+        problem = BilevelProblem(predictor, self.reward, self.objective, train, val, names)
+        row, self.warm = implicit_outer_step(
+            problem, self.optimizer, self.linear, self.warm, self.outer_step
+        )
+        return row | reward_diagnostics(self.reward, val.x)
+
+    def state_dict(self) -> dict:
+        return {
+            "reward": self.reward.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "warm": self.warm,
+            "outer_step": self.outer_step,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reward.load_state_dict(state["reward"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.warm, self.outer_step = state["warm"], state["outer_step"]
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,99 @@
+"""Reward updates inside an ensemble fit (pg-plugin, bilevel, bilevel-input), checked against the
+closed forms of SPEC section 2: PG under U = (λ/2)diag(σ²)⁻¹ learns the variance σ²."""
+
+import pytest
+import torch
+
+from mbrl_bilevel.data import Dataset
+from mbrl_bilevel.ensemble import GaussianEnsemble
+from mbrl_bilevel.learners import PGOptions, make_dynamics_learner
+from mbrl_bilevel.training import FitConfig
+from mbrl_bilevel.validation import ConfigError
+
+NOISE = torch.tensor([0.3, 0.05])  # raw noise std per output dimension
+
+
+def linear_data(n, seed, heteroscedastic=False):
+    """y = xW + ε, ε ~ N(0, diag NOISE²) (times 1 + 2|x_0| when heteroscedastic)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g)
+    W = torch.tensor([[1.0, 0.5], [-0.5, 1.0], [0.2, 0.0]])
+    scale = (1 + 2 * x[:, :1].abs()) if heteroscedastic else 1.0
+    return Dataset(x, x @ W + NOISE * scale * torch.randn(n, 2, generator=g))
+
+
+def fit(strategy, steps=800, heteroscedastic=False, plugin_start=True, **options):
+    torch.manual_seed(0)
+    train, val = linear_data(3000, 1, heteroscedastic), linear_data(1000, 2, heteroscedastic)
+    ensemble = GaussianEnsemble(3, 2, members=3, elites=2, hidden=(32, 32))
+    config = FitConfig(steps=steps, lr=5e-3, batch_size=256, eval_every=100)
+    options = PGOptions(refresh_every=20, hyper_batch=512, **options)
+    learner = make_dynamics_learner(strategy, config, 3, 2, options=options, progress=False)
+    if strategy.startswith("bilevel"):
+        learner.update.plugin_start = plugin_start
+    learner.fit(ensemble, train, val)
+    return ensemble, learner, val
+
+
+def reward_of(learner):
+    return learner.update.reward
+
+
+def test_plugin_reward_makes_pg_learn_the_noise_variance():
+    ensemble, learner, val = fit("pg-plugin")
+    std = ensemble.mixture(val.x).variance.mean(0).sqrt()
+    torch.testing.assert_close(std, NOISE, rtol=0.15, atol=0)
+    normalised_noise = NOISE / ensemble.target_std  # U* = (λ/2)/σ² in normalised units
+    U = reward_of(learner).matrix().diagonal()
+    torch.testing.assert_close(U, 0.5 / normalised_noise**2, rtol=0.3, atol=0)
+
+
+def test_bilevel_learns_the_optimal_diagonal_reward_without_the_plugin_start():
+    ensemble, learner, val = fit("bilevel", steps=1500, plugin_start=False, outer_lr=0.1)
+    U = reward_of(learner).matrix().diagonal()
+    normalised_noise = NOISE / ensemble.target_std
+    torch.testing.assert_close(U, 0.5 / normalised_noise**2, rtol=0.3, atol=0)
+    std = ensemble.mixture(val.x).variance.mean(0).sqrt()
+    torch.testing.assert_close(std, NOISE, rtol=0.2, atol=0)
+
+
+def test_bilevel_input_learns_an_input_dependent_reward():
+    """U(x) starts constant (the plug-in) and the hypergradients make it depend on x, staying
+    SPD and finite; the model still fits the mean. (That it learns the right heteroscedastic U*(x)
+    on dynamics data is not established yet: see docs/dynamics.md.)"""
+    ensemble, learner, val = fit("bilevel-input", steps=400, heteroscedastic=True, outer_lr=0.005)
+    U = reward_of(learner).matrix_at(val.x)
+    assert torch.isfinite(U).all() and (torch.linalg.eigvalsh(U) > 0).all()
+    spread = U.diagonal(dim1=-2, dim2=-1).std(0) / U.diagonal(dim1=-2, dim2=-1).mean(0)
+    assert (spread > 0.01).all()
+    assert learner.update.outer_step == 20
+    rmse = (ensemble.mixture(val.x).mean - val.y).pow(2).mean(0).sqrt()
+    assert (rmse < 3 * NOISE * 2.5).all()  # noise std grows to about 2.5× NOISE on average
+
+
+def test_learner_state_round_trips_the_learned_reward():
+    _, learner, _ = fit("bilevel", steps=100)
+    state = learner.state_dict()
+    fresh = make_dynamics_learner("bilevel", FitConfig(steps=10), 3, 2)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(reward_of(fresh).matrix(), reward_of(learner).matrix())
+    assert fresh.update.outer_step == learner.update.outer_step == 5
+    assert fresh.global_step == learner.global_step == 100
+
+
+def test_reward_updates_need_a_heldout_split():
+    ensemble = GaussianEnsemble(3, 2, members=2, elites=1, hidden=(8,))
+    for strategy in ("pg-plugin", "bilevel"):
+        learner = make_dynamics_learner(strategy, FitConfig(steps=5), 3, 2, progress=False)
+        with pytest.raises(ConfigError, match="held-out split"):
+            learner.fit(ensemble, linear_data(50, 0), None)
+
+
+def test_pathwise_estimator_and_bad_options():
+    ensemble, _, val = fit("pg-plugin", estimator="pathwise")
+    std = ensemble.mixture(val.x).variance.mean(0).sqrt()
+    torch.testing.assert_close(std, NOISE, rtol=0.15, atol=0)
+    with pytest.raises(ConfigError, match="estimator"):
+        PGOptions(estimator="magic")
+    with pytest.raises(ConfigError, match="unknown dynamics loss"):
+        make_dynamics_learner("pg-magic", FitConfig(), 3, 2)
