@@ -14,13 +14,14 @@ import torch
 import tyro
 from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
 
-from agents.pets import PETS, PRESETS
+from agents.mbpo import MBPO
+from agents.pets import PETS
 from envs.make import make_env
 from mbrl_bilevel.reporting import plot_curves
 from mbrl_bilevel.runs import create_run_dir, save_figure, write_csv, write_json
 from mbrl_bilevel.validation import ConfigError
 
-AGENTS = {"pets": PETS}
+AGENTS = {"pets": PETS, "mbpo": MBPO}
 CHECKPOINT = "checkpoints/agent.pt"
 
 
@@ -31,14 +32,15 @@ class TrainConfig:
     env: str = "InvertedPendulum-v5"
     """Gymnasium env id."""
     agent: str = "pets"
-    """Agent: pets."""
+    """Agent: pets (MPC) or mbpo (Dyna on SB3's SAC)."""
     dynamics_loss: str = "nll"
     """Dynamics learner: mse, nll or nll-beta (pg-plugin and bilevel for ensembles are not wired
     yet; bilevel becomes the default when they are)."""
     steps: int = 5000
     """Total env steps."""
     preset: str = "cpu"
-    """Agent sizes: cpu (this machine) or pets (the paper's defaults)."""
+    """Agent sizes: cpu (this machine), tiny (tests), the paper's defaults (pets for pets, mbpo for
+    mbpo), or sac (mbpo without a model: plain SB3 SAC, the baseline)."""
     seed: int = 0
     """Seed of the agent and the env."""
     eval_every: int = 1000
@@ -160,8 +162,11 @@ def _write_outputs(run_dir: Path, agent, evaluation: EvalCallback, seconds_per_s
 def _check(config: TrainConfig) -> None:
     if config.agent not in AGENTS:
         raise ConfigError(f"unknown agent {config.agent!r}; choose from {sorted(AGENTS)}")
-    if config.preset not in PRESETS:
-        raise ConfigError(f"unknown preset {config.preset!r}; choose from {sorted(PRESETS)}")
+    presets = AGENTS[config.agent].presets
+    if config.preset not in presets:
+        raise ConfigError(
+            f"unknown preset {config.preset!r} for {config.agent}; choose from {sorted(presets)}"
+        )
     for field in ("steps", "eval_every", "eval_episodes", "threads"):
         if getattr(config, field) <= 0:
             raise ConfigError(
@@ -203,7 +208,7 @@ def run_eval(config: EvalConfig) -> None:
     for episode in range(config.episodes):
         obs, _ = env.reset(seed=config.seed + episode)
         agent.predict(obs, episode_start=np.array([True]))  # fresh plan, as at an episode start
-        agent.planner.reset()
+        agent.reset_episode()
         total, done = 0.0, False
         while not done:
             if config.video and episode == 0:

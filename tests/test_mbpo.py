@@ -182,3 +182,29 @@ def test_mixed_buffer_samples_the_real_ratio():
     batch = buffer.sample(64)
     assert batch.rewards.shape == (64, 1) and batch.dones.shape == (64, 1)
     assert batch.rewards.sum() == 16 and batch.dones.sum() == 16  # real rows terminated
+
+
+def test_train_command_logs_mbpo_scalars_and_eval_runs(tmp_path):
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mbrl_bilevel.cli import main
+
+    options = ["--env", POINT_MASS_ID, "--agent", "mbpo", "--preset", "tiny", "--steps", "150"]
+    options += ["--eval-every", "100", "--eval-episodes", "1", "--out-dir", str(tmp_path)]
+    main(["train", *options, "--name", "run", "--no-progress"])
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["env_steps"] == 150 and summary["episodes"] == 3
+    assert summary["final_eval_return"] is not None and summary["seconds_per_env_step"] > 0
+    (events,) = run.glob("events.out.tfevents.*")
+    tags = set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
+    expected = {"mbpo/rollout_length", "mbpo/terminated_share", "mbpo/model_std"}
+    expected |= {"model/val_nll", "train/critic_loss", "rollout/ep_return", "eval/mean_reward"}
+    assert expected <= tags
+    main(["eval", str(run), "--episodes", "1"])
+    assert json.loads((run / "eval.json").read_text())["episodes"] == 1
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *options, "--name", "bad", "--preset", "pets"])
+    assert exit_info.value.code == 2
