@@ -2,8 +2,9 @@
 the Stable-Baselines3 surface (callbacks, logger, get_env), the episode loop, model retraining on
 real transitions, and save/load of the common state (weights, counters, RNG states).
 
-A subclass sets `config_type` and `presets`, and fills in `_act` (the policy after the random
-phase), `predict`, and the hooks `_after_step`, `_after_episode`, `_extra_state`, `_restore`.
+A subclass sets `config_type`, `presets` and `timing_key`, and fills in `_setup` (its policy),
+`_act` (the policy after the random phase), `predict`, and the hooks `_after_step`,
+`_after_episode`, `_extra_state`, `_restore`.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class ModelBasedAgent:
             obs_dim + act_dim, obs_dim, config.members, config.elite_members, config.hidden
         )
         self.learner = make_dynamics_learner(dynamics_loss, config.fit_config(), seed=seed)
+        self.action_low = torch.as_tensor(env.action_space.low, dtype=torch.float32)
+        self.action_high = torch.as_tensor(env.action_space.high, dtype=torch.float32)
         self.rng = np.random.default_rng(seed)
         env.action_space.seed(seed)
         self.num_timesteps = 0
@@ -84,6 +87,7 @@ class ModelBasedAgent:
         self.model_trained = False
         self.logger = configure(tensorboard_log, ["tensorboard"] if tensorboard_log else [])
         self._vec_env = DummyVecEnv([lambda: env])
+        self._setup()
 
     # ----------------------------------------------------------------- SB3 surface
 
@@ -155,6 +159,10 @@ class ModelBasedAgent:
         return agent
 
     # ----------------------------------------------------------------- subclass hooks
+
+    def _setup(self) -> None:
+        """Build the policy (planner, SAC) once the common parts exist."""
+        raise NotImplementedError
 
     def _act(self, obs: np.ndarray) -> np.ndarray:
         """The action [A] in `obs` [O] after the random phase."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-import gymnasium as gym
 import numpy as np
 import torch
 from stable_baselines3 import SAC
@@ -158,16 +157,7 @@ class MBPO(ModelBasedAgent):
     presets = PRESETS
     timing_key = "mbpo/ms_per_action"
 
-    def __init__(
-        self,
-        env: gym.Env,
-        dynamics_loss: str = "nll",
-        config: MBPOConfig | str = "cpu",
-        tensorboard_log: str | None = None,
-        seed: int = 0,
-        verbose: int = 0,
-    ):
-        super().__init__(env, dynamics_loss, config, tensorboard_log, seed, verbose)
+    def _setup(self) -> None:
         config = self.config
         self.sac = SAC(
             "MlpPolicy",
@@ -180,15 +170,13 @@ class MBPO(ModelBasedAgent):
             gamma=config.gamma,
             gradient_steps=config.updates_per_step,
             replay_buffer_class=MixedReplayBuffer,
-            replay_buffer_kwargs={"real_ratio": config.real_ratio, "seed": seed},
+            replay_buffer_kwargs={"real_ratio": config.real_ratio, "seed": self.seed},
             policy_kwargs={"net_arch": list(config.sac_hidden)},
-            seed=seed,
+            seed=self.seed,
             device="cpu",
         )
         self.sac.set_logger(self.logger)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.low = torch.as_tensor(env.action_space.low, dtype=torch.float32)
-        self.high = torch.as_tensor(env.action_space.high, dtype=torch.float32)
+        self.generator = torch.Generator().manual_seed(self.seed)
 
     @property
     def buffer(self) -> MixedReplayBuffer:
@@ -222,7 +210,7 @@ class MBPO(ModelBasedAgent):
     def _policy(self, obs: torch.Tensor) -> torch.Tensor:
         """SAC's stochastic action in env units [B, A] for obs [B, O]."""
         scaled = self.sac.actor(obs, deterministic=False)
-        return self.low + 0.5 * (scaled + 1) * (self.high - self.low)
+        return self.action_low + 0.5 * (scaled + 1) * (self.action_high - self.action_low)
 
     def _rollout(self) -> None:
         """One round of branched rollouts from random real states into the model buffer."""

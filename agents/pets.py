@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import gymnasium as gym
 import numpy as np
 import torch
 
@@ -116,21 +115,12 @@ class PETS(ModelBasedAgent):
     presets = PRESETS
     timing_key = "planner/ms_per_step"
 
-    def __init__(
-        self,
-        env: gym.Env,
-        dynamics_loss: str = "nll",
-        config: PETSConfig | str = "cpu",
-        tensorboard_log: str | None = None,
-        seed: int = 0,
-        verbose: int = 0,
-    ):
-        super().__init__(env, dynamics_loss, config, tensorboard_log, seed, verbose)
+    def _setup(self) -> None:
         config = self.config
-        low = torch.as_tensor(env.action_space.low, dtype=torch.float32)
-        high = torch.as_tensor(env.action_space.high, dtype=torch.float32)
-        generator = torch.Generator().manual_seed(seed)
-        self.planner = CEMPlanner(low, high, config.planner_config(), generator)
+        generator = torch.Generator().manual_seed(self.seed)
+        self.planner = CEMPlanner(
+            self.action_low, self.action_high, config.planner_config(), generator
+        )
         self.evaluator = TrajectoryEvaluator(
             self.model,
             self.task.reward,
