@@ -21,13 +21,14 @@ class ModelBuffer:
     actions), rewards [N], next_observations [N, O], dones [N] (float, the task terminated)."""
 
     def __init__(self, obs_dim: int, action_dim: int, capacity: int = 0):
-        shapes = {
-            "observations": (obs_dim,),
-            "actions": (action_dim,),
-            "next_observations": (obs_dim,),
-        }
+        widths = {"observations": obs_dim, "actions": action_dim, "next_observations": obs_dim}
+        self.shapes = {name: (widths[name],) if name in widths else () for name in FIELDS}
+        self._allocate(capacity)
+
+    def _allocate(self, capacity: int) -> None:
+        """Empty arrays of `capacity` rows."""
         self.arrays = {
-            name: np.zeros((capacity, *shapes.get(name, ())), np.float32) for name in FIELDS
+            name: np.zeros((capacity, *self.shapes[name]), np.float32) for name in FIELDS
         }
         self.size, self.pos = 0, 0
 
@@ -57,14 +58,24 @@ class ModelBuffer:
         index = (self.pos - count + np.arange(count)) % max(self.capacity, 1)
         return {name: array[index] for name, array in self.arrays.items()}
 
+    def state(self) -> dict[str, Any]:
+        """The filled rows in storage order, the write position and the capacity."""
+        arrays = {name: array[: self.size].copy() for name, array in self.arrays.items()}
+        return {"arrays": arrays, "pos": self.pos, "capacity": self.capacity}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore what `state` returned, rows in the same slots (sampling sees the same rows)."""
+        self._allocate(state["capacity"])
+        for name, rows in state["arrays"].items():
+            self.arrays[name][: len(rows)] = rows
+        self.size, self.pos = len(state["arrays"]["rewards"]), state["pos"]
+
     def resize(self, capacity: int) -> None:
         """Change the capacity, keeping the newest rows that fit."""
         if capacity == self.capacity:
             return
         kept = self.newest(capacity)
-        shapes = {name: array.shape[1:] for name, array in self.arrays.items()}
-        self.arrays = {name: np.zeros((capacity, *shapes[name]), np.float32) for name in FIELDS}
-        self.size, self.pos = 0, 0
+        self._allocate(capacity)
         if len(kept["rewards"]):
             self.add(kept)
 
@@ -120,13 +131,11 @@ class MixedReplayBuffer(ReplayBuffer):
         """The filled rows, positions and generator state (what `load_state` restores)."""
         n = self.real_size()
         real = {name: getattr(self, name)[:n].copy() for name in (*FIELDS, "timeouts")}
-        model = self.model.newest(self.model.size)
         return {
             "real": real,
             "pos": self.pos,
             "full": self.full,
-            "model": model,
-            "model_capacity": self.model.capacity,
+            "model": self.model.state(),
             "generator": self.generator.bit_generator.state,
         }
 
@@ -134,7 +143,5 @@ class MixedReplayBuffer(ReplayBuffer):
         for name, rows in state["real"].items():
             getattr(self, name)[: len(rows)] = rows
         self.pos, self.full = state["pos"], state["full"]
-        self.model.resize(state["model_capacity"])
-        if len(state["model"]["rewards"]):
-            self.model.add(state["model"])
+        self.model.load_state(state["model"])
         self.generator.bit_generator.state = state["generator"]

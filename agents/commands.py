@@ -54,6 +54,9 @@ class TrainConfig:
     resume: str | None = None
     """A run folder to continue from its last checkpoint, up to its own --steps (its saved config
     is used; other options are ignored)."""
+    checkpoint_every: int = 1
+    """Save the agent at the first episode end after this many env steps since the last save
+    (1: after every episode; a save of an MBPO agent on Hopper takes about 0.5 s)."""
     threads: int = 1
     """Torch threads (1 whenever runs share the machine)."""
     progress: bool = True
@@ -61,17 +64,23 @@ class TrainConfig:
 
 
 class EpisodeCheckpoint(BaseCallback):
-    """Save the agent after every finished episode (atomically), so a killed run loses none."""
+    """Save the agent (atomically) at the end of the first episode after `every` env steps since
+    the last save (every=1: after every episode), so a killed run loses at most the steps since."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, every: int = 1):
         super().__init__()
-        self.path = path
+        self.path, self.every, self.saved_at = path, every, 0
+
+    def _on_training_start(self) -> None:
+        self.saved_at = self.model.num_timesteps
 
     def _on_step(self) -> bool:
         return True
 
     def _on_rollout_end(self) -> None:
-        self.model.save(self.path)
+        if self.model.num_timesteps - self.saved_at >= self.every:
+            self.model.save(self.path)
+            self.saved_at = self.model.num_timesteps
 
 
 def run_train(config: TrainConfig) -> None:
@@ -121,7 +130,7 @@ def run_train(config: TrainConfig) -> None:
     start, steps_before = time.perf_counter(), agent.num_timesteps
     agent.learn(
         config.steps,
-        callback=[evaluation, EpisodeCheckpoint(checkpoint)],
+        callback=[evaluation, EpisodeCheckpoint(checkpoint, config.checkpoint_every)],
         progress_bar=config.progress,
     )
     seconds_per_step = (time.perf_counter() - start) / max(agent.num_timesteps - steps_before, 1)
@@ -167,7 +176,7 @@ def _check(config: TrainConfig) -> None:
         raise ConfigError(
             f"unknown preset {config.preset!r} for {config.agent}; choose from {sorted(presets)}"
         )
-    for field in ("steps", "eval_every", "eval_episodes", "threads"):
+    for field in ("steps", "eval_every", "eval_episodes", "checkpoint_every", "threads"):
         if getattr(config, field) <= 0:
             raise ConfigError(
                 f"--{field.replace('_', '-')} must be > 0, got {getattr(config, field)}"

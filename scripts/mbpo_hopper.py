@@ -44,6 +44,7 @@ def run_one(out_dir: Path, name: str, seed: int, steps: int, eval_every: int) ->
         command = ["mbrl-bilevel", "train", "--env", "Hopper-v5", "--agent", "mbpo"]
         command += ["--preset", preset, "--dynamics-loss", loss, "--seed", str(seed)]
         command += ["--steps", str(steps), "--eval-every", str(eval_every), "--eval-episodes", "5"]
+        command += ["--checkpoint-every", "500"]
         command += ["--out-dir", str(out_dir), "--name", run_dir.name, "--no-progress"]
     with open(out_dir / f"{run_dir.name}.log", "a") as log:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
