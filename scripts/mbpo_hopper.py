@@ -64,13 +64,15 @@ def run(args) -> None:
             print(future.result(), flush=True)
 
 
-def eval_curve(run_dir: Path) -> dict[int, float]:
-    """{env step: mean eval return} from every TensorBoard events file of the run."""
+def eval_curve(run_dir: Path, every: int) -> dict[int, float]:
+    """{env step: mean eval return} from every TensorBoard events file of the run, steps rounded
+    to multiples of `every` (a resumed run evaluates `every` steps after its restart)."""
     curve = {}
     for events in sorted(run_dir.glob("events.out.tfevents.*")):
         accumulator = EventAccumulator(str(events)).Reload()
         if "eval/mean_reward" in accumulator.Tags()["scalars"]:
-            curve |= {e.step: e.value for e in accumulator.Scalars("eval/mean_reward")}
+            scalars = accumulator.Scalars("eval/mean_reward")
+            curve |= {round(e.step / every) * every: e.value for e in scalars}
     return curve
 
 
@@ -80,7 +82,7 @@ def report(args) -> None:
     for name in args.configs:
         for seed in args.seeds:
             run_dir = out_dir / f"{name}-s{seed}"
-            curve = eval_curve(run_dir)
+            curve = eval_curve(run_dir, args.eval_every)
             if not curve:
                 print(f"{run_dir}: no evaluations yet", file=sys.stderr)
                 continue
@@ -94,7 +96,7 @@ def report(args) -> None:
             finals.append(
                 {
                     "config": name,
-                    "env steps": max(curve),
+                    "env steps": summary.get("env_steps", max(curve)),
                     "final eval return": curve[max(curve)],
                     "mean of last 3 evals": sum(curve[s] for s in last) / len(last),
                     "ms per env step": 1e3 * summary["seconds_per_env_step"] if summary else None,
