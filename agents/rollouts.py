@@ -28,9 +28,9 @@ def rollout_length(schedule: tuple[int, int, int, int], step: int) -> int:
 
 @dataclass
 class RolloutStats:
-    """Per rollout round: transitions made, the share of start states whose rollout terminated
-    before `length` steps, and the mean ensemble disagreement (std of the elite means, in
-    normalised target units)."""
+    """Per rollout round: transitions made, the share of start states whose rollout reached a
+    terminal state within `length` steps, and the mean ensemble disagreement (std of the elite
+    means, in normalised target units)."""
 
     transitions: int
     terminated_share: float
