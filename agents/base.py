@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,10 +29,45 @@ from mbrl_bilevel.data import random_split
 from mbrl_bilevel.ensemble import GaussianEnsemble
 from mbrl_bilevel.learners import make_dynamics_learner
 from mbrl_bilevel.runs import atomic_write_bytes
+from mbrl_bilevel.training import FitConfig
 from mbrl_bilevel.transitions import Transitions
 from mbrl_bilevel.validation import ConfigError
 
 KNOWN = "the MuJoCo v5 tasks of envs.tasks and mbrl_bilevel/PointMass-v0"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The ensemble and its retraining: the fields every agent's config starts with."""
+
+    members: int = 7
+    """Ensemble members E."""
+    elite_members: int = 5
+    """Members the policy uses (planning or rollouts), chosen on validation."""
+    hidden: tuple[int, ...] = (200, 200, 200, 200)
+    """Hidden widths of each member."""
+    train_steps: int = 2000
+    """Gradient steps per retraining at most (early stopping may end it sooner)."""
+    batch_size: int = 256
+    """Minibatch size of model training."""
+    lr: float = 1e-3
+    """Adam learning rate of model training."""
+    patience: int = 10
+    """Validations (every 50 steps) without improvement before training stops."""
+    val_fraction: float = 0.1
+    """Share of the real data held out for early stopping and elites."""
+    random_steps: int = 200
+    """Env steps with random actions before the first model training and policy update."""
+
+    def fit_config(self) -> FitConfig:
+        return FitConfig(
+            steps=self.train_steps,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            eval_every=50,
+            patience=self.patience,
+        )
+
 
 # One env step: (obs [O], action [A], reward, next_obs [O], terminated, truncated).
 Step = tuple[np.ndarray, np.ndarray, float, np.ndarray, bool, bool]
@@ -39,8 +75,8 @@ Step = tuple[np.ndarray, np.ndarray, float, np.ndarray, bool, bool]
 
 class ModelBasedAgent:
     """An agent with a GaussianEnsemble dynamics model on a continuous-action Gymnasium env with a
-    known task reward (envs.tasks). `config` is a preset name or a `config_type` instance with the
-    fields members, elite_members, hidden, random_steps, val_fraction and a fit_config()."""
+    known task reward (envs.tasks). `config` is a preset name or a `config_type` instance (a
+    ModelConfig)."""
 
     config_type: ClassVar[type]
     presets: ClassVar[dict[str, Any]]
@@ -51,7 +87,7 @@ class ModelBasedAgent:
         self,
         env: gym.Env,
         dynamics_loss: str = "nll",
-        config: Any = "cpu",
+        config: ModelConfig | str = "cpu",
         tensorboard_log: str | None = None,
         seed: int = 0,
         verbose: int = 0,

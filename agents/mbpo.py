@@ -20,35 +20,19 @@ import numpy as np
 import torch
 from stable_baselines3 import SAC
 
-from agents.base import ModelBasedAgent, Step
+from agents.base import ModelBasedAgent, ModelConfig, Step
 from agents.buffers import MixedReplayBuffer
 from agents.rollouts import branched_rollouts, rollout_length
-from mbrl_bilevel.training import FitConfig
 from mbrl_bilevel.validation import ConfigError
 
 
 @dataclass(frozen=True)
-class MBPOConfig:
-    """Model, rollout and SAC sizes of an MBPO agent."""
+class MBPOConfig(ModelConfig):
+    """Model, rollout and SAC sizes of an MBPO agent; the defaults are the MBPO paper's Hopper
+    settings but for the model fields, which the `mbpo` preset sets."""
 
-    members: int = 7
-    """Ensemble members E."""
-    elite_members: int = 5
-    """Members rollouts draw from, chosen on validation."""
-    hidden: tuple[int, ...] = (200, 200, 200, 200)
-    """Hidden widths of each member."""
     train_every: int = 250
     """Env steps between model retrainings."""
-    train_steps: int = 5000
-    """Gradient steps per retraining at most (early stopping ends it sooner)."""
-    batch_size: int = 256
-    """Minibatch size of model training."""
-    lr: float = 1e-3
-    """Adam learning rate of model training."""
-    patience: int = 10
-    """Validations (every 50 steps) without improvement before model training stops."""
-    val_fraction: float = 0.2
-    """Share of the real data held out for early stopping and elites."""
     rollout_every: int = 250
     """Env steps between rollout rounds."""
     rollout_batch: int = 100_000
@@ -73,8 +57,6 @@ class MBPOConfig:
     """Soft target-update rate."""
     buffer_size: int = 1_000_000
     """Real transitions SAC's replay buffer keeps."""
-    random_steps: int = 5000
-    """Env steps with random actions before the first model and SAC update."""
 
     def __post_init__(self):
         if not 0 < self.real_ratio <= 1:
@@ -103,27 +85,18 @@ class MBPOConfig:
                 f"end length >= 1), got {self.rollout_schedule}"
             )
 
-    def fit_config(self) -> FitConfig:
-        return FitConfig(
-            steps=self.train_steps,
-            lr=self.lr,
-            batch_size=self.batch_size,
-            eval_every=50,
-            patience=self.patience,
-        )
-
 
 PRESETS = {
-    "mbpo": MBPOConfig(),  # the MBPO paper's Hopper settings, for machines that can afford them
+    # the MBPO paper's Hopper settings, for machines that can afford them
+    "mbpo": MBPOConfig(train_steps=5000, val_fraction=0.2, random_steps=5000),
     "cpu": MBPOConfig(  # 15k+ Hopper steps in about an hour on one core of this machine
         hidden=(200, 200, 200),
-        train_every=1000,
         train_steps=1000,
         patience=5,
-        val_fraction=0.1,
+        random_steps=1000,
+        train_every=1000,
         rollout_batch=25_000,
         updates_per_step=5,
-        random_steps=1000,
     ),
     "sac": MBPOConfig(  # no model: SB3's SAC with its default settings, the baseline
         real_ratio=1.0, updates_per_step=1, random_steps=100
@@ -132,9 +105,9 @@ PRESETS = {
         members=3,
         elite_members=2,
         hidden=(32, 32),
-        train_every=100,
         train_steps=100,
-        val_fraction=0.1,
+        random_steps=100,
+        train_every=100,
         rollout_every=50,
         rollout_batch=200,
         rollout_schedule=(0, 300, 1, 3),
@@ -144,7 +117,6 @@ PRESETS = {
         sac_batch_size=64,
         sac_hidden=(64, 64),
         buffer_size=10_000,
-        random_steps=100,
     ),
 }
 

@@ -14,16 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from agents.base import ModelBasedAgent, Step, transitions_from_steps
+from agents.base import ModelBasedAgent, ModelConfig, Step, transitions_from_steps
 from agents.planners import CEMConfig, CEMPlanner
 from agents.propagation import TrajectoryEvaluator
-from mbrl_bilevel.training import FitConfig
 from mbrl_bilevel.transitions import Transitions
 
 
 @dataclass(frozen=True)
-class PETSConfig:
-    """Planner, model and training sizes of a PETS agent."""
+class PETSConfig(ModelConfig):
+    """Model, planner and training sizes of a PETS agent."""
 
     horizon: int = 30
     """Planning horizon H."""
@@ -39,24 +38,6 @@ class PETSConfig:
     """Particles per candidate."""
     propagation: str = "tsinf"
     """ts1, tsinf or expectation."""
-    members: int = 7
-    """Ensemble members E."""
-    elite_members: int = 5
-    """Members used for planning, chosen on validation."""
-    hidden: tuple[int, ...] = (200, 200, 200, 200)
-    """Hidden widths of each member."""
-    train_steps: int = 2000
-    """Gradient steps per retraining (early stopping may end it sooner)."""
-    batch_size: int = 256
-    """Minibatch size of model training."""
-    lr: float = 1e-3
-    """Adam learning rate of model training."""
-    patience: int = 10
-    """Validations (every 50 steps) without improvement before training stops."""
-    val_fraction: float = 0.1
-    """Share of the data held out for early stopping and elites."""
-    random_steps: int = 200
-    """Env steps with random actions before the first model is trained."""
 
     def planner_config(self) -> CEMConfig:
         icem = (
@@ -68,15 +49,6 @@ class PETSConfig:
             elites=self.elites,
             iterations=self.iterations,
             **icem,
-        )
-
-    def fit_config(self) -> FitConfig:
-        return FitConfig(
-            steps=self.train_steps,
-            lr=self.lr,
-            batch_size=self.batch_size,
-            eval_every=50,
-            patience=self.patience,
         )
 
 
