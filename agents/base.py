@@ -78,8 +78,8 @@ class ModelBasedAgent:
     known task reward (envs.tasks). `config` is a preset name or a `config_type` instance (a
     ModelConfig)."""
 
-    config_type: ClassVar[type]
-    presets: ClassVar[dict[str, Any]]
+    config_type: ClassVar[type[ModelConfig]]
+    presets: ClassVar[dict[str, ModelConfig]]
     timing_key: ClassVar[str]
     """Scalar name of the mean time the policy takes per action, in ms."""
 
