@@ -127,6 +127,7 @@ def run_train(config: TrainConfig) -> None:
         log_path=str(run_dir / "eval"),
         verbose=0,
     )
+    evaluation.n_calls = agent.num_timesteps  # a resumed run evaluates at the same steps
     start, steps_before = time.perf_counter(), agent.num_timesteps
     agent.learn(
         config.steps,

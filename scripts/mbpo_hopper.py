@@ -64,15 +64,14 @@ def run(args) -> None:
             print(future.result(), flush=True)
 
 
-def eval_curve(run_dir: Path, every: int) -> dict[int, float]:
-    """{env step: mean eval return} from every TensorBoard events file of the run, steps rounded
-    to multiples of `every` (a resumed run evaluates `every` steps after its restart)."""
+def eval_curve(run_dir: Path) -> dict[int, float]:
+    """{env step: mean eval return} from every TensorBoard events file of the run."""
     curve = {}
     for events in sorted(run_dir.glob("events.out.tfevents.*")):
         accumulator = EventAccumulator(str(events)).Reload()
         if "eval/mean_reward" in accumulator.Tags()["scalars"]:
             scalars = accumulator.Scalars("eval/mean_reward")
-            curve |= {round(e.step / every) * every: e.value for e in scalars}
+            curve |= {e.step: e.value for e in scalars}
     return curve
 
 
@@ -82,7 +81,7 @@ def report(args) -> None:
     for name in args.configs:
         for seed in args.seeds:
             run_dir = out_dir / f"{name}-s{seed}"
-            curve = eval_curve(run_dir, args.eval_every)
+            curve = eval_curve(run_dir)
             if not curve:
                 print(f"{run_dir}: no evaluations yet", file=sys.stderr)
                 continue

@@ -185,7 +185,7 @@ def test_mixed_buffer_samples_the_real_ratio():
     assert batch.rewards.sum() == 16 and batch.dones.sum() == 16  # real rows terminated
 
 
-def test_train_command_logs_mbpo_scalars_and_eval_runs(tmp_path):
+def test_train_resume_and_eval_commands(tmp_path):
     import json
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -206,6 +206,16 @@ def test_train_command_logs_mbpo_scalars_and_eval_runs(tmp_path):
     assert expected <= tags
     main(["eval", str(run), "--episodes", "1"])
     assert json.loads((run / "eval.json").read_text())["episodes"] == 1
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(config | {"steps": 250}))
+    main(["train", "--resume", str(run), "--no-progress"])  # on to 250 steps from 150
+    assert json.loads((run / "summary.json").read_text())["env_steps"] == 250
+    evals = set()
+    for events in run.glob("events.out.tfevents.*"):
+        evals |= {
+            e.step for e in EventAccumulator(str(events)).Reload().Scalars("eval/mean_reward")
+        }
+    assert evals == {100, 200}  # a resumed run evaluates at the steps of an uninterrupted one
     with pytest.raises(SystemExit) as exit_info:
         main(["train", *options, "--name", "bad", "--preset", "pets"])
     assert exit_info.value.code == 2
