@@ -9,35 +9,20 @@ work with it.
 
 from __future__ import annotations
 
-import dataclasses
-import io
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 import torch
-from stable_baselines3.common.callbacks import BaseCallback, CallbackList, ConvertCallback
-from stable_baselines3.common.logger import configure
-from stable_baselines3.common.vec_env import DummyVecEnv
-from tqdm.auto import tqdm
 
+from agents.base import ModelBasedAgent, ModelConfig, Step, transitions_from_steps
 from agents.planners import CEMConfig, CEMPlanner
 from agents.propagation import TrajectoryEvaluator
-from envs.tasks import task_functions
-from mbrl_bilevel.data import random_split
-from mbrl_bilevel.ensemble import GaussianEnsemble
-from mbrl_bilevel.learners import make_dynamics_learner
-from mbrl_bilevel.runs import atomic_write_bytes
-from mbrl_bilevel.training import FitConfig
 from mbrl_bilevel.transitions import Transitions
-from mbrl_bilevel.validation import ConfigError
 
 
 @dataclass(frozen=True)
-class PETSConfig:
-    """Planner, model and training sizes of a PETS agent."""
+class PETSConfig(ModelConfig):
+    """Model, planner and training sizes of a PETS agent."""
 
     horizon: int = 30
     """Planning horizon H."""
@@ -53,24 +38,6 @@ class PETSConfig:
     """Particles per candidate."""
     propagation: str = "tsinf"
     """ts1, tsinf or expectation."""
-    members: int = 7
-    """Ensemble members E."""
-    elite_members: int = 5
-    """Members used for planning, chosen on validation."""
-    hidden: tuple[int, ...] = (200, 200, 200, 200)
-    """Hidden widths of each member."""
-    train_steps: int = 2000
-    """Gradient steps per retraining (early stopping may end it sooner)."""
-    batch_size: int = 256
-    """Minibatch size of model training."""
-    lr: float = 1e-3
-    """Adam learning rate of model training."""
-    patience: int = 10
-    """Validations (every 50 steps) without improvement before training stops."""
-    val_fraction: float = 0.1
-    """Share of the data held out for early stopping and elites."""
-    random_steps: int = 200
-    """Env steps with random actions before the first model is trained."""
 
     def planner_config(self) -> CEMConfig:
         icem = (
@@ -82,15 +49,6 @@ class PETSConfig:
             elites=self.elites,
             iterations=self.iterations,
             **icem,
-        )
-
-    def fit_config(self) -> FitConfig:
-        return FitConfig(
-            steps=self.train_steps,
-            lr=self.lr,
-            batch_size=self.batch_size,
-            eval_every=50,
-            patience=self.patience,
         )
 
 
@@ -122,42 +80,19 @@ PRESETS = {
 }
 
 
-class PETS:
+class PETS(ModelBasedAgent):
     """A PETS agent on a continuous-action Gymnasium env with a known task reward (envs.tasks)."""
 
-    def __init__(
-        self,
-        env: gym.Env,
-        dynamics_loss: str = "nll",
-        config: PETSConfig | str = "cpu",
-        tensorboard_log: str | None = None,
-        seed: int = 0,
-        verbose: int = 0,
-    ):
-        if not isinstance(env.action_space, gym.spaces.Box):
-            raise ConfigError(f"PETS needs a continuous (Box) action space, got {env.action_space}")
-        if isinstance(config, str):
-            if config not in PRESETS:
-                raise ConfigError(f"unknown preset {config!r}; choose from {sorted(PRESETS)}")
-            config = PRESETS[config]
-        env_id = env.spec.id if env.spec else type(env).__name__
-        self.task = task_functions(env_id)
-        if self.task is None:
-            raise ConfigError(f"no known task reward for {env_id!r}; PETS supports {KNOWN}")
-        self.env, self.dynamics_loss, self.config, self.seed = env, dynamics_loss, config, seed
-        self.tensorboard_log, self.verbose = tensorboard_log, verbose
-        torch.manual_seed(seed)
-        obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-        self.model = GaussianEnsemble(
-            obs_dim + act_dim, obs_dim, config.members, config.elite_members, config.hidden
+    config_type = PETSConfig
+    presets = PRESETS
+    timing_key = "planner/ms_per_step"
+
+    def _setup(self) -> None:
+        config = self.config
+        generator = torch.Generator().manual_seed(self.seed)
+        self.planner = CEMPlanner(
+            self.action_low, self.action_high, config.planner_config(), generator
         )
-        self.learner = make_dynamics_learner(
-            dynamics_loss, config.fit_config(), obs_dim + act_dim, obs_dim, seed=seed
-        )
-        low = torch.as_tensor(env.action_space.low, dtype=torch.float32)
-        high = torch.as_tensor(env.action_space.high, dtype=torch.float32)
-        generator = torch.Generator().manual_seed(seed)
-        self.planner = CEMPlanner(low, high, config.planner_config(), generator)
         self.evaluator = TrajectoryEvaluator(
             self.model,
             self.task.reward,
@@ -166,23 +101,7 @@ class PETS:
             config.propagation,
             generator,
         )
-        self.rng = np.random.default_rng(seed)
-        env.action_space.seed(seed)
         self.data: Transitions | None = None
-        self.num_timesteps = 0
-        self.episode_returns: list[float] = []
-        self.episode_lengths: list[int] = []
-        self.model_trained = False
-        self.logger = configure(tensorboard_log, ["tensorboard"] if tensorboard_log else [])
-        self._vec_env = DummyVecEnv([lambda: env])
-
-    # ----------------------------------------------------------------- SB3 surface
-
-    def get_env(self) -> DummyVecEnv:
-        return self._vec_env
-
-    def get_vec_normalize_env(self):
-        return None
 
     def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
         """Plan from `observation` [O] or [1, O]; returns (action, state) as SB3 does."""
@@ -193,72 +112,8 @@ class PETS:
         action = self._act(obs[0] if batched else obs)
         return (action[None] if batched else action), state
 
-    def learn(self, total_timesteps: int, callback=None, progress_bar: bool = False) -> PETS:
-        """Run episodes until `total_timesteps` env steps (counting steps done before a resume)."""
-        callback = self._init_callback(callback)
-        callback.on_training_start(locals(), globals())
-        bar = tqdm(
-            total=total_timesteps, initial=self.num_timesteps, disable=not progress_bar, desc="PETS"
-        )
-        keep_going = True
-        while keep_going and self.num_timesteps < total_timesteps:
-            keep_going = self._run_episode(callback, bar, total_timesteps)
-        bar.close()
-        callback.on_training_end()
-        return self
-
-    def save(self, path: str | Path) -> None:
-        """Write config, model weights, data and counters to one file, atomically."""
-        state = {
-            "config": dataclasses.asdict(self.config),
-            "dynamics_loss": self.dynamics_loss,
-            "seed": self.seed,
-            "model": self.model.state_dict(),
-            "data": self.data,
-            "num_timesteps": self.num_timesteps,
-            "episode_returns": self.episode_returns,
-            "episode_lengths": self.episode_lengths,
-            "model_trained": self.model_trained,
-            "learner": self.learner.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "planner_rng": self.planner.generator.get_state(),
-            "numpy_rng": self.rng.bit_generator.state,
-        }
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        atomic_write_bytes(path, buffer.getvalue())
-
-    @classmethod
-    def load(cls, path: str | Path, env: gym.Env, **kwargs) -> PETS:
-        if not Path(path).is_file():
-            raise ConfigError(f"no saved agent at {path}")
-        state = torch.load(path, weights_only=False)
-        config = PETSConfig(**{**state["config"], "hidden": tuple(state["config"]["hidden"])})
-        agent = cls(env, state["dynamics_loss"], config, seed=state["seed"], **kwargs)
-        agent.model.load_state_dict(state["model"])
-        agent.data, agent.num_timesteps = state["data"], state["num_timesteps"]
-        agent.episode_returns, agent.model_trained = (
-            state["episode_returns"],
-            state["model_trained"],
-        )
-        agent.episode_lengths = state["episode_lengths"]
-        agent.learner.load_state_dict(state["learner"])
-        torch.set_rng_state(state["torch_rng"])
-        agent.planner.generator.set_state(state["planner_rng"])
-        agent.rng.bit_generator.state = state["numpy_rng"]
-        return agent
-
-    # ----------------------------------------------------------------- internals
-
-    def _init_callback(self, callback) -> BaseCallback:
-        if callback is None:
-            callback = CallbackList([])
-        elif isinstance(callback, list):
-            callback = CallbackList(callback)
-        elif not isinstance(callback, BaseCallback):
-            callback = ConvertCallback(callback)
-        callback.init_callback(self)
-        return callback
+    def reset_episode(self) -> None:
+        self.planner.reset()
 
     def _act(self, obs: np.ndarray) -> np.ndarray:
         if not self.model_trained:
@@ -266,64 +121,16 @@ class PETS:
         self.evaluator.set_start(torch.as_tensor(obs))
         return self.planner.act(self.evaluator).numpy()
 
-    def _run_episode(self, callback: BaseCallback, bar, total_timesteps: int) -> bool:
-        """One episode in the real env, then a retraining; False when a callback asks to stop."""
-        obs, _ = self.env.reset(seed=int(self.rng.integers(2**31)))
-        self.planner.reset()
-        callback.on_rollout_start()
-        rows, episode_return, plan_seconds, keep_going = [], 0.0, 0.0, True
-        while True:
-            start = time.perf_counter()
-            random_phase = self.num_timesteps < self.config.random_steps
-            action = self.env.action_space.sample() if random_phase else self._act(obs)
-            plan_seconds += time.perf_counter() - start
-            next_obs, reward, terminated, truncated, info = self.env.step(action)
-            rows.append((obs, action, reward, next_obs, terminated, truncated))
-            episode_return += float(reward)
-            self.num_timesteps += 1
-            bar.update(1)
-            callback.update_locals(locals())
-            if not callback.on_step():
-                keep_going = False
-            obs = next_obs
-            if terminated or truncated or not keep_going or self.num_timesteps >= total_timesteps:
-                break
-        self._add_episode(rows)
-        self.episode_returns.append(episode_return)
-        self.episode_lengths.append(len(rows))
-        bar.set_postfix({"episode": len(self.episode_returns), "return": f"{episode_return:.1f}"})
-        self.logger.record("rollout/ep_return", episode_return)
-        self.logger.record("rollout/ep_len", len(rows))
-        self.logger.record("planner/ms_per_step", 1e3 * plan_seconds / len(rows))
-        if self.num_timesteps >= self.config.random_steps:
-            self._train_model()
-        self.logger.dump(self.num_timesteps)
-        callback.on_rollout_end()  # an episode is a rollout: checkpoints are taken here
-        if self.verbose:
-            print(f"step {self.num_timesteps}: episode return {episode_return:.1f}")
-        return keep_going
-
-    def _add_episode(self, rows) -> None:
-        columns = [np.asarray(c) for c in zip(*rows, strict=True)]
-        episode = Transitions(
-            columns[0].astype(np.float32),
-            columns[1].astype(np.float32),
-            columns[2].astype(np.float32),
-            columns[3].astype(np.float32),
-            columns[4].astype(bool),
-            columns[5].astype(bool),
-        )
+    def _after_episode(self, steps: list[Step]) -> None:
+        """Add the episode to the data and retrain the model on all of it."""
+        episode = transitions_from_steps(steps)
         self.data = episode if self.data is None else Transitions.concatenate([self.data, episode])
+        if self.num_timesteps >= self.config.random_steps:
+            self._train_model(self.data)
 
-    def _train_model(self) -> None:
-        dataset = self.data.model_dataset(delta=True)
-        generator = torch.Generator().manual_seed(self.seed + self.num_timesteps)
-        fraction = self.config.val_fraction
-        train, val = random_split(dataset, [1 - fraction, fraction], generator)
-        metrics = self.learner.fit(self.model, train, val)
-        for key, value in metrics.items():
-            self.logger.record(f"model/{key.replace('/', '_')}", value)
-        self.model_trained = True
+    def _extra_state(self) -> dict:
+        return {"data": self.data, "planner_rng": self.planner.generator.get_state()}
 
-
-KNOWN = "the MuJoCo v5 tasks of envs.tasks and mbrl_bilevel/PointMass-v0"
+    def _restore(self, state: dict) -> None:
+        self.data = state["data"]
+        self.planner.generator.set_state(state["planner_rng"])

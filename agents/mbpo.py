@@ -1,0 +1,217 @@
+"""MBPO: Dyna with short branched model rollouts feeding Stable-Baselines3's SAC (Janner et al.
+2019), the ensemble retrained every `train_every` env steps by any dynamics learner.
+
+Every real step goes to SAC's replay buffer (a MixedReplayBuffer); after the random phase the
+ensemble is retrained every `train_every` steps, every `rollout_every` steps `rollout_batch`
+rollouts of the scheduled length start from real states and fill the model buffer, and SAC takes
+`updates_per_step` gradient steps on batches with a `real_ratio` share of real transitions.
+
+The Stable-Baselines3 surface: MBPO(env, dynamics_loss=..., tensorboard_log=..., seed=...),
+learn(total_timesteps, callback=None, progress_bar=False), predict(obs, deterministic=True),
+save(path), MBPO.load(path, env).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from stable_baselines3 import SAC
+
+from agents.base import ModelBasedAgent, ModelConfig, Step
+from agents.buffers import MixedReplayBuffer
+from agents.rollouts import branched_rollouts, rollout_length
+from mbrl_bilevel.validation import ConfigError
+
+
+@dataclass(frozen=True)
+class MBPOConfig(ModelConfig):
+    """Model, rollout and SAC sizes of an MBPO agent; the defaults are the MBPO paper's Hopper
+    settings but for the model fields, which the `mbpo` preset sets."""
+
+    train_every: int = 250
+    """Env steps between model retrainings."""
+    rollout_every: int = 250
+    """Env steps between rollout rounds."""
+    rollout_batch: int = 100_000
+    """Rollouts (start states) per round."""
+    rollout_schedule: tuple[int, int, int, int] = (20_000, 100_000, 1, 15)
+    """Rollout length: (start step, end step, start length, end length), linear in between."""
+    retain_rounds: int = 4
+    """Rounds of rollouts the model buffer keeps."""
+    real_ratio: float = 0.05
+    """Share of real transitions in SAC's batches; 1 uses no model (plain SAC)."""
+    updates_per_step: int = 20
+    """SAC gradient steps per env step."""
+    sac_batch_size: int = 256
+    """SAC minibatch size."""
+    sac_hidden: tuple[int, ...] = (256, 256)
+    """Hidden widths of SAC's actor and critics."""
+    sac_lr: float = 3e-4
+    """SAC learning rate (actor, critics, entropy coefficient)."""
+    gamma: float = 0.99
+    """Discount."""
+    tau: float = 0.005
+    """Soft target-update rate."""
+    buffer_size: int = 1_000_000
+    """Real transitions SAC's replay buffer keeps."""
+
+    def __post_init__(self):
+        if not 0 < self.real_ratio <= 1:
+            raise ConfigError(f"real_ratio must be in (0, 1], got {self.real_ratio}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        positive = (
+            "train_every",
+            "train_steps",
+            "batch_size",
+            "rollout_every",
+            "rollout_batch",
+            "retain_rounds",
+            "updates_per_step",
+            "sac_batch_size",
+            "buffer_size",
+            "random_steps",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        start, end, low, high = self.rollout_schedule
+        if not (0 <= start <= end and 1 <= low and 1 <= high):
+            raise ConfigError(
+                "rollout_schedule must be (start step <= end step, start length >= 1, "
+                f"end length >= 1), got {self.rollout_schedule}"
+            )
+
+
+PRESETS = {
+    # the MBPO paper's Hopper settings, for machines that can afford them
+    "mbpo": MBPOConfig(train_steps=5000, val_fraction=0.2, random_steps=5000),
+    "cpu": MBPOConfig(  # 15k+ Hopper steps in about an hour on one core of this machine
+        hidden=(200, 200, 200),
+        train_steps=1000,
+        patience=5,
+        random_steps=1000,
+        train_every=1000,
+        rollout_batch=25_000,
+        updates_per_step=5,
+    ),
+    "sac": MBPOConfig(  # no model: SB3's SAC with its default settings, the baseline
+        real_ratio=1.0, updates_per_step=1, random_steps=100
+    ),
+    "tiny": MBPOConfig(  # smoke tests and the point mass
+        members=3,
+        elite_members=2,
+        hidden=(32, 32),
+        train_steps=100,
+        random_steps=100,
+        train_every=100,
+        rollout_every=50,
+        rollout_batch=200,
+        rollout_schedule=(0, 300, 1, 3),
+        retain_rounds=2,
+        real_ratio=0.5,
+        updates_per_step=2,
+        sac_batch_size=64,
+        sac_hidden=(64, 64),
+        buffer_size=10_000,
+    ),
+}
+
+
+class MBPO(ModelBasedAgent):
+    """An MBPO agent on a continuous-action Gymnasium env with a known task reward and
+    termination (envs.tasks)."""
+
+    config_type = MBPOConfig
+    presets = PRESETS
+    timing_key = "mbpo/ms_per_action"
+
+    def _setup(self) -> None:
+        config = self.config
+        self.sac = SAC(
+            "MlpPolicy",
+            self._vec_env,
+            learning_rate=config.sac_lr,
+            buffer_size=config.buffer_size,
+            learning_starts=config.random_steps,
+            batch_size=config.sac_batch_size,
+            tau=config.tau,
+            gamma=config.gamma,
+            gradient_steps=config.updates_per_step,
+            replay_buffer_class=MixedReplayBuffer,
+            replay_buffer_kwargs={"real_ratio": config.real_ratio, "seed": self.seed},
+            policy_kwargs={"net_arch": list(config.sac_hidden)},
+            seed=self.seed,
+            device="cpu",
+        )
+        self.sac.set_logger(self.logger)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    @property
+    def buffer(self) -> MixedReplayBuffer:
+        return self.sac.replay_buffer
+
+    @property
+    def uses_model(self) -> bool:
+        return self.config.real_ratio < 1
+
+    def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
+        """SAC's action for `observation` [O] or [N, O]; returns (action, state) as SB3 does."""
+        return self.sac.predict(observation, state, episode_start, deterministic)
+
+    def _act(self, obs: np.ndarray) -> np.ndarray:
+        return self.sac.predict(obs, deterministic=False)[0]
+
+    def _after_step(self, step: Step) -> None:
+        """Store the step; after the random phase retrain, roll out and update SAC when due."""
+        obs, action, reward, next_obs, terminated, _ = step
+        scaled = self.sac.policy.scale_action(np.asarray(action))
+        self.buffer.add(obs, next_obs, scaled, np.float32(reward), np.array(terminated), [{}])
+        config, step_index = self.config, self.num_timesteps - self.config.random_steps
+        if step_index < 0:
+            return
+        if self.uses_model and step_index % config.train_every == 0:
+            self._train_model(self.buffer.real_transitions(self.sac.policy.unscale_action))
+        if self.uses_model and step_index % config.rollout_every == 0:
+            self._rollout()
+        self.sac.train(config.updates_per_step, config.sac_batch_size)
+
+    def _policy(self, obs: torch.Tensor) -> torch.Tensor:
+        """SAC's stochastic action in env units [B, A] for obs [B, O]."""
+        scaled = self.sac.actor(obs, deterministic=False)
+        return self.action_low + 0.5 * (scaled + 1) * (self.action_high - self.action_low)
+
+    def _rollout(self) -> None:
+        """One round of branched rollouts from random real states into the model buffer."""
+        config, buffer = self.config, self.buffer
+        length = rollout_length(config.rollout_schedule, self.num_timesteps)
+        rows = torch.randint(buffer.real_size(), (config.rollout_batch,), generator=self.generator)
+        starts = torch.as_tensor(buffer.observations[rows.numpy(), 0], dtype=torch.float32)
+        arrays, stats = branched_rollouts(
+            self.model, self._policy, self.task, starts, length, self.generator
+        )
+        arrays["actions"] = self.sac.policy.scale_action(arrays["actions"])
+        buffer.model.resize(config.retain_rounds * config.rollout_batch * length)
+        buffer.model.add(arrays)
+        self.logger.record("mbpo/rollout_length", length)
+        self.logger.record("mbpo/terminated_share", stats.terminated_share)
+        self.logger.record("mbpo/model_std", stats.model_std)
+        self.logger.record("mbpo/model_transitions", len(buffer.model))
+
+    def _extra_state(self) -> dict:
+        sac = io.BytesIO()
+        self.sac.save(sac)
+        return {
+            "sac": sac.getvalue(),
+            "buffer": self.buffer.state(),
+            "rollout_rng": self.generator.get_state(),
+        }
+
+    def _restore(self, state: dict) -> None:
+        self.sac = SAC.load(io.BytesIO(state["sac"]), env=self._vec_env, device="cpu")
+        self.sac.set_logger(self.logger)
+        self.buffer.load_state(state["buffer"])
+        self.generator.set_state(state["rollout_rng"])
