@@ -57,6 +57,10 @@ class TrainConfig:
     progress: bool = True
     """Show a progress bar (on a terminal)."""
 
+    def validate(self) -> None:
+        """Raise ConfigError for an unknown agent or preset or a count <= 0."""
+        _check(self)
+
 
 class EpisodeCheckpoint(BaseCallback):
     """Save the agent after every finished episode (atomically), so a killed run loses none."""
