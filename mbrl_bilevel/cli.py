@@ -92,7 +92,11 @@ def run_sweep(config: SweepConfig) -> None:
     from mbrl_bilevel.sweep.command import run_sweep as run
 
     sweepable = {name: t for name, (t, _) in COMMANDS.items() if name not in ("sweep", "report")}
-    outcomes, folder = run(config, sweepable, check_config, "mbrl_bilevel.cli")
+    try:
+        outcomes, folder = run(config, sweepable, check_config, "mbrl_bilevel.cli")
+    except KeyboardInterrupt:
+        print(f"\nsweep interrupted: `mbrl-bilevel sweep {config.spec}` finishes it", file=sys.stderr)
+        raise SystemExit(130) from None
     if config.report and not config.dry_run and list(folder.glob("*/summary.json")):
         out, _ = write_report(ReportConfig(runs=(str(folder),)))
         print(f"report: {out / 'report.md'}")
