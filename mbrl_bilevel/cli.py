@@ -95,7 +95,9 @@ def run_sweep(config: SweepConfig) -> None:
     try:
         outcomes, folder = run(config, sweepable, check_config, "mbrl_bilevel.cli")
     except KeyboardInterrupt:
-        print(f"\nsweep interrupted: `mbrl-bilevel sweep {config.spec}` finishes it", file=sys.stderr)
+        print(
+            f"\nsweep interrupted: `mbrl-bilevel sweep {config.spec}` finishes it", file=sys.stderr
+        )
         raise SystemExit(130) from None
     if config.report and not config.dry_run and list(folder.glob("*/summary.json")):
         out, _ = write_report(ReportConfig(runs=(str(folder),)))

@@ -14,8 +14,7 @@ import tyro
 
 from mbrl_bilevel.report.runs import KINDS, RunData, find_runs, load_run
 from mbrl_bilevel.reporting import group_by, markdown_table, plot_curves, summary_table
-from mbrl_bilevel.runs import atomic_write_text, save_figure, write_json
-from mbrl_bilevel.sweep.spec import token
+from mbrl_bilevel.runs import atomic_write_text, safe_name, save_figure, write_json
 
 NOT_A_GROUP = {"seed", "name", "out_dir", "resume", "progress", "threads", "jobs"}
 """Config fields that never define a group: seeds are what groups average over."""
@@ -63,7 +62,7 @@ def label(row: dict[str, Any], keys: list[str]) -> str:
 
 def plot_kind(runs: list[RunData], keys: list[str], out: Path, band: str) -> list[Path]:
     """Learning curves of runs of one command, one PNG per value of its facet (env, dataset)
-    when that varies; returns the PNG paths."""
+    when that is a group key; returns the PNG paths."""
     command, kind = runs[0].command, KINDS[runs[0].command]
     facet = kind.facet if kind.facet in keys else None
     curves = grouped_rows(runs, "curves", keys, [k for k in keys if k != facet])
@@ -72,7 +71,7 @@ def plot_kind(runs: list[RunData], keys: list[str], out: Path, band: str) -> lis
         return []
     paths = []
     for value, rows in (group_by(curves, facet) if facet else {None: curves}).items():
-        path = out / f"curves_{command}{'' if facet is None else '_' + token(value)}.png"
+        path = out / f"curves_{command}{'' if facet is None else '_' + safe_name(value)}.png"
         titles = [m if facet is None else f"{value}: {m}" for m in panels]
         figure = plot_curves(rows, "step", panels, "group", "member", titles, band=band)
         save_figure(figure, path)

@@ -29,25 +29,27 @@ class Plan:
 
 def plan_sweep(sweep: Sweep, config_type: type, check: Callable[[Any], None], module: str) -> Plan:
     """Parse and `check` every run's config (ConfigError naming the run), then sort the runs
-    by the state of their folders under sweep.folder."""
+    by the state of their folders sweep.folder/<run>. Commands without `name` and `out_dir`
+    fields (eval, collect) make no run folder: their runs always start."""
     folder = sweep.folder.resolve()
     fields = {field.name for field in dataclasses.fields(config_type)}
     quiet = {"progress": False} if "progress" in fields else {}
+    own_folder = {"name", "out_dir"} <= fields
     tasks, resumed, finished = [], [], []
     for run in sweep.runs:
         where = f"run {run.name}"
-        options = {**quiet, **run.options, "name": run.name, "out_dir": str(folder)}
-        args = to_argv(config_type, options)
+        place = {"name": run.name, "out_dir": str(folder)} if own_folder else {}
+        args = to_argv(config_type, {**quiet, **run.options, **place})
         config = parse(config_type, args, where)
         try:
             check(config)
         except ConfigError as error:
             raise ConfigError(f"{where}: {error}") from None
         run_dir = folder / run.name
-        saved = _saved_config(run_dir)
+        saved = _saved_config(run_dir) if own_folder else None
         if saved is not None:
             _check_same(saved, config, run.options, run_dir)
-        if (run_dir / DONE).is_file():
+        if own_folder and (run_dir / DONE).is_file():
             finished.append(run.name)
             continue
         if saved is not None and "resume" in fields:

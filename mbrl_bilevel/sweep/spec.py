@@ -30,6 +30,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from mbrl_bilevel.runs import safe_name
 from mbrl_bilevel.validation import ConfigError
 
 SET_BY_SWEEP = ("name", "out_dir", "resume")
@@ -141,7 +142,7 @@ def check_field(config_type: type, path: str, where: str) -> None:
 
 def run_names(points: list[dict[str, Any]]) -> list[str]:
     """Deterministic folder names `field=value,...` of grid points (a hash where they clash)."""
-    names = [",".join(f"{k}={token(v)}" for k, v in point.items()) for point in points]
+    names = [",".join(f"{k}={safe_name(v)}" for k, v in point.items()) for point in points]
     clashes = {n for n in names if names.count(n) > 1 or len(n) > 120}
     return [
         f"{n[:100]}-{hashlib.sha1(repr(sorted(p.items())).encode()).hexdigest()[:8]}"
@@ -149,9 +150,3 @@ def run_names(points: list[dict[str, Any]]) -> list[str]:
         else n
         for n, p in zip(names, points, strict=True)
     ]
-
-
-def token(value: Any) -> str:
-    """A short file-name-safe form: env ids lose their namespace (mbrl_bilevel/PointMass-v0)."""
-    text = str(value).rsplit("/", 1)[-1]
-    return re.sub(r"[^\w.+-]", "_", text) or "_"
