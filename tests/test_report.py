@@ -122,10 +122,15 @@ def test_hparams_hold_group_values_and_metrics(runs, tmp_path):
     )
 
 
-def test_report_cli_refuses_a_folder_without_runs(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "args, message",
+    [([], "give at least one run folder"), (["."], "no finished run folders")],
+)
+def test_report_cli_refuses_no_runs(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        main(["report", str(tmp_path)])
-    assert exit_info.value.code == 2 and "no finished run folders" in capsys.readouterr().err
+        main(["report", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_summary_table_groups_by_several_keys():

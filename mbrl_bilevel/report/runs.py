@@ -156,6 +156,8 @@ def load_run(folder: Path) -> RunData:
 def find_runs(paths: list[str]) -> list[Path]:
     """Run folders among `paths`: a folder with summary.json is a run, any other folder is
     searched (a sweep folder gives its finished runs), in sorted order."""
+    if not paths:
+        raise ConfigError("give at least one run folder or folder of runs")
     found = []
     for path in map(Path, paths):
         if not path.is_dir():
