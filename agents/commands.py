@@ -62,6 +62,10 @@ class TrainConfig:
     progress: bool = True
     """Show a progress bar (on a terminal)."""
 
+    def validate(self) -> None:
+        """Raise ConfigError for an unknown agent or preset or a count <= 0."""
+        _check(self)
+
 
 class EpisodeCheckpoint(BaseCallback):
     """Save the agent (atomically) at the end of the first episode after `every` env steps since

@@ -32,6 +32,14 @@ def make_env(env_id: str, seed: int | None = None, **kwargs: Any) -> gym.Env:
     return env
 
 
+def check_env_id(env_id: str) -> None:
+    """Raise ConfigError unless `env_id` is registered with Gymnasium (PointMass included)."""
+    try:
+        gym.spec(env_id)
+    except gym.error.Error as error:
+        raise ConfigError(f"unknown environment {env_id!r}: {error}") from None
+
+
 def check_spaces(env: gym.Env, env_id: str) -> None:
     """Raise ConfigError unless the actions and the observations are 1-D Box spaces."""
     if not isinstance(env.action_space, gym.spaces.Box) or len(env.action_space.shape) != 1:

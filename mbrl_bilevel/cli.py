@@ -17,6 +17,8 @@ from envs.collect_command import CollectConfig, run_collect
 from mbrl_bilevel.bench import BenchConfig
 from mbrl_bilevel.dynamics import DynamicsConfig
 from mbrl_bilevel.gaussian import GaussianConfig
+from mbrl_bilevel.report.command import ReportConfig, run_report, write_report
+from mbrl_bilevel.sweep.command import SweepConfig
 from mbrl_bilevel.tabular.study import TabularConfig
 from mbrl_bilevel.validation import ConfigError
 
@@ -73,6 +75,40 @@ def run_tabular(config: TabularConfig) -> None:
     print(f"\nrun folder: {run_dir} ({summary['seconds']:.0f} s)")
 
 
+def check_config(config: Any) -> None:
+    """A command's config checked before it runs (by a sweep): its own validate(), if it has
+    one, and its env id against the Gymnasium registry."""
+    if hasattr(config, "validate"):
+        config.validate()
+    if isinstance(getattr(config, "env", None), str):
+        from envs import check_env_id
+
+        check_env_id(config.env)
+
+
+def run_sweep(config: SweepConfig) -> None:
+    """Run a sweep of any other command through `python -m mbrl_bilevel.cli`; exit 1 if a run
+    failed."""
+    from mbrl_bilevel.sweep.command import run_sweep as run
+
+    sweepable = {name: t for name, (t, _) in COMMANDS.items() if name not in ("sweep", "report")}
+    try:
+        outcomes, folder = run(config, sweepable, check_config, "mbrl_bilevel.cli")
+    except KeyboardInterrupt:
+        print(
+            f"\nsweep interrupted: `mbrl-bilevel sweep {config.spec}` finishes it", file=sys.stderr
+        )
+        raise SystemExit(130) from None
+    if config.report and not config.dry_run and list(folder.glob("*/summary.json")):
+        try:
+            out, _ = write_report(ReportConfig(runs=(str(folder),)))
+            print(f"report: {out / 'report.md'}")
+        except ConfigError as error:  # runs of a kind report does not read (bench, ...)
+            print(f"no report: {error}")
+    if any(outcome.returncode != 0 for outcome in outcomes):
+        raise SystemExit(1)
+
+
 COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "train": (TrainConfig, run_train),
     "eval": (EvalConfig, run_eval),
@@ -81,6 +117,8 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "tabular": (TabularConfig, run_tabular),
     "collect": (CollectConfig, run_collect),
     "dynamics": (DynamicsConfig, run_dynamics),
+    "sweep": (SweepConfig, run_sweep),
+    "report": (ReportConfig, run_report),
 }
 
 

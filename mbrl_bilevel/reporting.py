@@ -33,31 +33,38 @@ def format_mean_std(values: Sequence[float], digits: int = 4) -> str:
     return f"{significant(mean, digits)} ± {significant(std, 2)}"
 
 
-def group_by(rows: list[dict[str, Any]], key: str) -> dict[Any, list[dict[str, Any]]]:
-    """Rows grouped by the value of `key`, groups in first-seen order."""
+def group_by(
+    rows: list[dict[str, Any]], key: str | Sequence[str]
+) -> dict[Any, list[dict[str, Any]]]:
+    """Rows grouped by the value of `key` (a tuple of values for several keys), groups in
+    first-seen order."""
     groups: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        groups[row[key]].append(row)
+        groups[row[key] if isinstance(key, str) else tuple(row[k] for k in key)].append(row)
     return dict(groups)
 
 
 def summary_table(
-    rows: list[dict[str, Any]], group_key: str, metrics: Sequence[str]
+    rows: list[dict[str, Any]], group_key: str | Sequence[str], metrics: Sequence[str]
 ) -> tuple[list[str], list[list[str]], dict[str, dict[str, dict[str, float]]]]:
-    """Per group of `group_key`: mean ± std of each metric over its rows (one row per seed).
+    """Per group of `group_key` (one column per key): mean ± std of each metric over its rows
+    (one row per seed).
 
-    Returns (header, table rows, {group: {metric: {mean, std, n}}}).
+    Returns (header, table rows, {group: {metric: {mean, std, n}}}); the group of several keys
+    is named by its values joined with " / ".
     """
-    header = [group_key, *metrics, "seeds"]
+    keys = [group_key] if isinstance(group_key, str) else list(group_key)
+    header = [*keys, *metrics, "seeds"]
     table, numbers = [], {}
-    for group, members in group_by(rows, group_key).items():
-        numbers[str(group)] = {}
-        cells = [str(group)]
+    for group, members in group_by(rows, keys).items():
+        name = " / ".join(map(str, group))
+        numbers[name] = {}
+        cells = [str(value) for value in group]
         for metric in metrics:
             values = [m[metric] for m in members if m.get(metric) is not None]
             if values:
                 mean, std = mean_std(values)
-                numbers[str(group)][metric] = {"mean": mean, "std": std, "n": len(values)}
+                numbers[name][metric] = {"mean": mean, "std": std, "n": len(values)}
                 cells.append(format_mean_std(values))
             else:
                 cells.append("–")
@@ -80,10 +87,13 @@ def plot_curves(
     seed_key: str = "seed",
     titles: Sequence[str] | None = None,
     log_y: Sequence[bool] | None = None,
+    band: str = "std",
 ):
-    """One panel per metric: the mean over seeds of each group against `x_key`, ± 1 std band.
+    """One panel per metric: the mean over seeds of each group against `x_key`, with a band of
+    ± 1 std (`band="std"`) or the 95% confidence interval of the mean (`"ci95"`, Student t).
 
-    `rows` is long format: one row per (group, seed, x). Returns the matplotlib figure.
+    `rows` is long format: one row per (group, seed, x). Seeds recorded at different x are
+    interpolated onto the x values they all cover. Returns the matplotlib figure.
     """
     figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     for index, metric in enumerate(metrics):
@@ -93,13 +103,12 @@ def plot_curves(
             for row in members:
                 if row.get(metric) is not None:
                     curves[row[seed_key]][row[x_key]] = row[metric]
-            xs = sorted(set.intersection(*(set(c) for c in curves.values()))) if curves else []
-            if not xs:
+            if not curves:
                 continue
-            values = np.array([[c[x] for x in xs] for c in curves.values()])
-            mean, std = values.mean(0), values.std(0)
+            xs, values = align_curves(list(curves.values()))
+            mean, half = values.mean(0), band_half_width(values, band)
             ax.plot(xs, mean, label=str(group))
-            ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
+            ax.fill_between(xs, mean - half, mean + half, alpha=0.2)
         ax.set_title(titles[index] if titles else metric)
         ax.set_xlabel(x_key)
         values_seen = [row[metric] for row in rows if row.get(metric) is not None]
@@ -109,3 +118,27 @@ def plot_curves(
     axes[0, 0].legend(fontsize=8)
     figure.tight_layout()
     return figure
+
+
+def align_curves(curves: list[dict[float, float]]) -> tuple[list[float], np.ndarray]:
+    """Curves {x: y} on common x values: every x of any curve inside the range all curves
+    cover, each curve linearly interpolated there. Returns (xs, values [S, X])."""
+    low, high = max(min(c) for c in curves), min(max(c) for c in curves)
+    xs = sorted(x for x in set().union(*curves) if low <= x <= high)
+    values = [np.interp(xs, sorted(c), [c[x] for x in sorted(c)]) for c in curves]
+    return xs, np.array(values).reshape(len(curves), len(xs))
+
+
+def band_half_width(values: np.ndarray, band: str) -> np.ndarray:
+    """Half width of the band around the mean of `values` [S, X] over S seeds: their std, or
+    the Student-t 95% confidence interval of the mean (0 for one seed)."""
+    if band == "std":
+        return values.std(0)
+    if band != "ci95":
+        raise ValueError(f"band must be std or ci95, got {band!r}")
+    seeds = len(values)
+    if seeds < 2:
+        return np.zeros(values.shape[1])
+    from scipy import stats
+
+    return stats.t.ppf(0.975, seeds - 1) * values.std(0, ddof=1) / np.sqrt(seeds)

@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,13 @@ def create_run_dir(out_dir: str | Path, name: str | None, prefix: str) -> Path:
     path = Path(out_dir) / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def safe_name(value: Any) -> str:
+    """A short file-name-safe form of `value`; env ids lose their namespace
+    (mbrl_bilevel/PointMass-v0 -> PointMass-v0)."""
+    text = str(value).rsplit("/", 1)[-1]
+    return re.sub(r"[^\w.+-]", "_", text) or "_"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -1,0 +1,1 @@
+"""`mbrl-bilevel report`: tables, learning curves and hparams of finished runs of any kind."""
