@@ -79,12 +79,7 @@ class GaussianEnsemble(nn.Module):
         h = (x - self.input_mean) / self.input_std
         if h.ndim == 2:
             h = h.expand(self.members, *h.shape)
-        last = len(self.weights) - 1
-        for index, (weight, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
-            h = torch.baddbmm(bias, h, weight)
-            if index < last:
-                h = F.silu(h)
-        mean, raw = h.chunk(2, dim=-1)
+        mean, raw = stacked_mlp(h, self.weights, self.biases).chunk(2, dim=-1)
         return mean, soft_bound(raw, self.min_log_var, self.max_log_var)
 
     def forward(self, x: torch.Tensor) -> Independent:
@@ -92,6 +87,13 @@ class GaussianEnsemble(nn.Module):
         return _diag_normal(
             mean * self.target_std + self.target_mean, (0.5 * log_var).exp() * self.target_std
         )
+
+    def frozen_members(
+        self, members: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> FrozenMembers:
+        """A detached copy of the members `members` [E'] (indices) for fast inference, with the
+        weights in `dtype`; see FrozenMembers."""
+        return FrozenMembers(self, members, dtype)
 
     def log_var_penalty(self) -> torch.Tensor:
         """PETS' penalty on the learnable bounds: Σ max_log_var - Σ min_log_var."""
@@ -137,6 +139,43 @@ class NormalisedTargets(nn.Module):
     def normalise(self, data: Dataset) -> Dataset:
         ensemble = self.ensemble
         return Dataset(data.x, (data.y - ensemble.target_mean) / ensemble.target_std)
+
+
+class FrozenMembers:
+    """Some members of a GaussianEnsemble, detached, for planning: (x [E', B, in]) -> raw-unit
+    mean and std [E', B, D] of those members, equal to the ensemble's own for them (up to the
+    rounding of `dtype`). Weights are copied at construction: later training does not reach it.
+    Activations run in `dtype`; inputs and outputs are float32."""
+
+    def __init__(self, ensemble: GaussianEnsemble, members: torch.Tensor, dtype: torch.dtype):
+        with torch.no_grad():
+            self.weights = [w[members].to(dtype) for w in ensemble.weights]
+            self.biases = [b[members].to(dtype) for b in ensemble.biases]
+            copy = [t.clone() for t in (ensemble.min_log_var, ensemble.max_log_var)]
+            self.bounds = tuple(copy)
+            self.input_mean, self.input_std = ensemble.input_mean.clone(), ensemble.input_std.clone()
+            self.target_mean = ensemble.target_mean.clone()
+            self.target_std = ensemble.target_std.clone()
+        self.members, self.dtype = len(members), dtype
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = ((x - self.input_mean) / self.input_std).to(self.dtype)
+        mean, raw = stacked_mlp(h, self.weights, self.biases, inplace=True).float().chunk(2, -1)
+        log_var = soft_bound(raw, *self.bounds)
+        return mean * self.target_std + self.target_mean, (0.5 * log_var).exp() * self.target_std
+
+
+def stacked_mlp(
+    h: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], inplace=False
+) -> torch.Tensor:
+    """The members' SiLU MLPs at once: h [E, B, in] -> [E, B, out] with weights [E, in, out] and
+    biases [E, 1, out] per layer (`inplace` activations only where no gradient is needed)."""
+    last = len(weights) - 1
+    for index, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
+        h = torch.baddbmm(bias, h, weight)
+        if index < last:
+            h = F.silu(h, inplace=inplace)
+    return h
 
 
 def _diag_normal(loc: torch.Tensor, scale: torch.Tensor) -> Independent:
