@@ -151,11 +151,11 @@ class FrozenMembers:
         with torch.no_grad():
             self.weights = [w[members].to(dtype) for w in ensemble.weights]
             self.biases = [b[members].to(dtype) for b in ensemble.biases]
-            copy = [t.clone() for t in (ensemble.min_log_var, ensemble.max_log_var)]
-            self.bounds = tuple(copy)
-            self.input_mean, self.input_std = ensemble.input_mean.clone(), ensemble.input_std.clone()
-            self.target_mean = ensemble.target_mean.clone()
-            self.target_std = ensemble.target_std.clone()
+            self.bounds = ensemble.min_log_var.clone(), ensemble.max_log_var.clone()
+            self.input_mean, self.input_std, self.target_mean, self.target_std = (
+                getattr(ensemble, name).clone()
+                for name in ("input_mean", "input_std", "target_mean", "target_std")
+            )
         self.members, self.dtype = len(members), dtype
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
