@@ -34,6 +34,8 @@ from mbrl_bilevel.training import FitConfig
 from mbrl_bilevel.transitions import Transitions
 from mbrl_bilevel.validation import ConfigError
 
+PLAN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 
 @dataclass(frozen=True)
 class PETSConfig:
@@ -71,6 +73,15 @@ class PETSConfig:
     """Share of the data held out for early stopping and elites."""
     random_steps: int = 200
     """Env steps with random actions before the first model is trained."""
+    plan_dtype: str = "float32"
+    """Dtype of the model evaluations while planning: float32 or bfloat16 (fast only on CPUs
+    with bf16 matmul units; docs/pets.md)."""
+
+    def __post_init__(self):
+        if self.plan_dtype not in PLAN_DTYPES:
+            raise ConfigError(
+                f"unknown plan_dtype {self.plan_dtype!r}; choose from {sorted(PLAN_DTYPES)}"
+            )
 
     def planner_config(self) -> CEMConfig:
         icem = (
@@ -123,7 +134,9 @@ PRESETS = {
 
 
 class PETS:
-    """A PETS agent on a continuous-action Gymnasium env with a known task reward (envs.tasks)."""
+    """A PETS agent on a continuous-action Gymnasium env. With a known task reward (envs.tasks)
+    it plans with it and the task's termination; otherwise the ensemble also predicts the reward
+    (targets [Δs, r]) and plans with its mean, without termination."""
 
     def __init__(
         self,
@@ -142,14 +155,17 @@ class PETS:
             config = PRESETS[config]
         env_id = env.spec.id if env.spec else type(env).__name__
         self.task = task_functions(env_id)
-        if self.task is None:
-            raise ConfigError(f"no known task reward for {env_id!r}; PETS supports {KNOWN}")
         self.env, self.dynamics_loss, self.config, self.seed = env, dynamics_loss, config, seed
         self.tensorboard_log, self.verbose = tensorboard_log, verbose
         torch.manual_seed(seed)
         obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+        learned_reward = self.task is None
         self.model = GaussianEnsemble(
-            obs_dim + act_dim, obs_dim, config.members, config.elite_members, config.hidden
+            obs_dim + act_dim,
+            obs_dim + learned_reward,
+            config.members,
+            config.elite_members,
+            config.hidden,
         )
         self.learner = make_dynamics_learner(dynamics_loss, config.fit_config(), seed=seed)
         low = torch.as_tensor(env.action_space.low, dtype=torch.float32)
@@ -158,11 +174,12 @@ class PETS:
         self.planner = CEMPlanner(low, high, config.planner_config(), generator)
         self.evaluator = TrajectoryEvaluator(
             self.model,
-            self.task.reward,
-            self.task.terminated,
+            None if learned_reward else self.task.reward,
+            None if learned_reward else self.task.terminated,
             config.particles,
             config.propagation,
             generator,
+            PLAN_DTYPES[config.plan_dtype],
         )
         self.rng = np.random.default_rng(seed)
         env.action_space.seed(seed)
@@ -314,7 +331,7 @@ class PETS:
         self.data = episode if self.data is None else Transitions.concatenate([self.data, episode])
 
     def _train_model(self) -> None:
-        dataset = self.data.model_dataset(delta=True)
+        dataset = self.data.model_dataset(delta=True, reward=self.task is None)
         generator = torch.Generator().manual_seed(self.seed + self.num_timesteps)
         fraction = self.config.val_fraction
         train, val = random_split(dataset, [1 - fraction, fraction], generator)
@@ -322,6 +339,3 @@ class PETS:
         for key, value in metrics.items():
             self.logger.record(f"model/{key.replace('/', '_')}", value)
         self.model_trained = True
-
-
-KNOWN = "the MuJoCo v5 tasks of envs.tasks and mbrl_bilevel/PointMass-v0"

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from envs.tasks import never_terminated
 from mbrl_bilevel.validation import ConfigError
 
 PROPAGATIONS = ("ts1", "tsinf", "expectation")
@@ -29,7 +30,7 @@ class TrajectoryEvaluator:
     `model` is a GaussianEnsemble (or anything with `elite_mask` [E], `out_dim` and
     `frozen_members(index, dtype)` -> f(x [E', B, O + A]) -> (mean, std) [E', B, D]) over
     Δ-states (D = O), or over [Δ-state, reward] (D = O + 1) when `reward` is None.
-    `terminated` None means never. Sampling draws from `generator`, so plans are reproducible.
+    `terminated` None (or envs.tasks.never_terminated) means never. Sampling draws from `generator`, so plans are reproducible.
     """
 
     def __init__(
@@ -46,7 +47,8 @@ class TrajectoryEvaluator:
             raise ConfigError(f"unknown propagation {propagation!r}; choose from {PROPAGATIONS}")
         if particles <= 0:
             raise ConfigError(f"particles must be > 0, got {particles}")
-        self.model, self.reward, self.terminated = model, reward, terminated
+        self.model, self.reward = model, reward
+        self.terminated = None if terminated is never_terminated else terminated
         self.particles = 1 if propagation == "expectation" else particles
         self.propagation, self.dtype = propagation, dtype
         self.generator = generator or torch.Generator().manual_seed(0)
@@ -77,7 +79,9 @@ class TrajectoryEvaluator:
         count = candidates * self.particles
         per_group = -(-count // groups)  # ceil: padding particles repeat the first ones
         total = groups * per_group
-        particle = torch.randperm(total, generator=self.generator).view(groups, per_group)
+        particle = torch.randperm(total, generator=self.generator)  # [G·n], slot -> particle
+        sequence = particle % count // self.particles  # slot -> candidate
+        steps = actions.transpose(0, 1).contiguous()  # [H, N, A]
         state = self.start.expand(groups, per_group, -1)
         returns = torch.zeros(groups, per_group)
         alive = torch.ones(groups, per_group, dtype=torch.bool)
@@ -85,25 +89,29 @@ class TrajectoryEvaluator:
         for t in range(horizon):
             if self.propagation == "ts1" and t > 0:
                 shuffle = torch.randperm(total, generator=self.generator)
-                state, returns, alive, particle = (
+                particle, sequence = particle[shuffle], sequence[shuffle]
+                state, returns, alive = (
                     v.reshape(total, *v.shape[2:])[shuffle].view_as(v)
-                    for v in (state, returns, alive, particle)
+                    for v in (state, returns, alive)
                 )
-            action = actions[particle % count // self.particles, t]  # [G, n, A]
+            action = steps[t].index_select(0, sequence).view(groups, per_group, -1)
             mean, std = self.members(torch.cat([state, action], -1).expand(members, -1, -1))
             if self.propagation == "expectation":
                 mean = mean.mean(0, keepdim=True)
                 next_state = state + mean[..., :obs_dim]
             else:
                 noise.normal_(generator=self.generator)
-                next_state = state + torch.addcmul(mean[..., :obs_dim], std[..., :obs_dim], noise)
+                next_state = torch.addcmul(mean[..., :obs_dim], std[..., :obs_dim], noise)
+                next_state += state
             if self.reward is None:
                 reward = mean[..., obs_dim]
             else:
                 reward = self.reward(state, action, next_state)
-            returns += torch.where(alive, reward, 0.0)
-            if self.terminated is not None:
+            if self.terminated is None:
+                returns += reward
+            else:
+                returns += torch.where(alive, reward, 0.0)
                 alive &= ~self.terminated(state, action, next_state)
             state = next_state
-        by_particle = torch.empty(total).index_copy_(0, particle.flatten(), returns.flatten())
+        by_particle = torch.empty(total).index_copy_(0, particle, returns.flatten())
         return by_particle[:count].view(candidates, self.particles).mean(1)

@@ -143,26 +143,36 @@ class NormalisedTargets(nn.Module):
 
 class FrozenMembers:
     """Some members of a GaussianEnsemble, detached, for planning: (x [E', B, in]) -> raw-unit
-    mean and std [E', B, D] of those members, equal to the ensemble's own for them (up to the
-    rounding of `dtype`). Weights are copied at construction: later training does not reach it.
-    Activations run in `dtype`; inputs and outputs are float32."""
+    mean and std [E', B, D] of those members, equal to the ensemble's own up to rounding.
+
+    The weights are copied at construction (later training does not reach them), with the input
+    and target normalisers folded into the first and last layers, and cast to `dtype`: the
+    layers run in `dtype`, inputs and outputs are float32.
+    """
 
     def __init__(self, ensemble: GaussianEnsemble, members: torch.Tensor, dtype: torch.dtype):
         with torch.no_grad():
-            self.weights = [w[members].to(dtype) for w in ensemble.weights]
-            self.biases = [b[members].to(dtype) for b in ensemble.biases]
+            weights = [w[members] for w in ensemble.weights]
+            biases = [b[members] for b in ensemble.biases]
+            # first layer: ((x - m) / s) W + b = x (W / s) + (b - (m / s) W)
+            scaled = ensemble.input_mean / ensemble.input_std
+            biases[0] = biases[0] - (scaled @ weights[0])[:, None]
+            weights[0] = weights[0] / ensemble.input_std[:, None]
+            # last layer, mean columns: (h W + b) t_std + t_mean
+            scale = torch.cat([ensemble.target_std, torch.ones_like(ensemble.target_std)])
+            shift = torch.cat([ensemble.target_mean, torch.zeros_like(ensemble.target_mean)])
+            weights[-1], biases[-1] = weights[-1] * scale, biases[-1] * scale + shift
+            self.weights = [w.to(dtype) for w in weights]
+            self.biases = [b.to(dtype) for b in biases]
             self.bounds = ensemble.min_log_var.clone(), ensemble.max_log_var.clone()
-            self.input_mean, self.input_std, self.target_mean, self.target_std = (
-                getattr(ensemble, name).clone()
-                for name in ("input_mean", "input_std", "target_mean", "target_std")
-            )
-        self.members, self.dtype = len(members), dtype
+            self.log_target_std = ensemble.target_std.log()
+        self.dtype = dtype
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = ((x - self.input_mean) / self.input_std).to(self.dtype)
-        mean, raw = stacked_mlp(h, self.weights, self.biases, inplace=True).float().chunk(2, -1)
-        log_var = soft_bound(raw, *self.bounds)
-        return mean * self.target_std + self.target_mean, (0.5 * log_var).exp() * self.target_std
+        h = stacked_mlp(x.to(self.dtype), self.weights, self.biases, inplace=True)
+        mean, raw = h.float().chunk(2, dim=-1)
+        log_std = torch.add(self.log_target_std, soft_bound(raw, *self.bounds), alpha=0.5)
+        return mean, log_std.exp_()
 
 
 def stacked_mlp(

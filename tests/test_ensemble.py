@@ -35,8 +35,8 @@ def test_frozen_members_match_the_ensemble_and_ignore_later_training():
     x = torch.randn(2, 6, 4)
     full = ens(torch.zeros(5, 6, 4).index_copy(0, members, x))
     mean, std = frozen(x)
-    assert torch.allclose(mean, full.mean[members], atol=1e-6, rtol=1e-6)
-    assert torch.allclose(std, full.stddev[members], atol=1e-6, rtol=1e-6)
+    assert torch.allclose(mean, full.mean[members], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(std, full.stddev[members], atol=1e-5, rtol=1e-5)
     half_mean, _ = ens.frozen_members(members, torch.bfloat16)(x)
     assert half_mean.dtype == torch.float32
     assert torch.allclose(half_mean, mean, atol=0.05 * mean.abs().max().item())

@@ -1,5 +1,7 @@
 """PETS on the shipped point-mass task: it learns, it is deterministic, it saves and loads."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from stable_baselines3.common.callbacks import BaseCallback
@@ -53,15 +55,45 @@ def test_save_load_predict_identical_actions(trained, tmp_path):
     assert loaded.num_timesteps == trained.num_timesteps
 
 
-def test_refuses_discrete_actions_and_unknown_tasks():
+def test_refuses_discrete_actions_and_bad_options():
     import gymnasium as gym
 
     with pytest.raises(ConfigError, match="continuous"):
         PETS(gym.make("CartPole-v1"))
-    with pytest.raises(ConfigError, match="no known task reward"):
-        PETS(gym.make("MountainCarContinuous-v0"))
     with pytest.raises(ConfigError, match="preset"):
         PETS(make_env(POINT_MASS_ID), config="huge")
+    with pytest.raises(ConfigError, match="plan_dtype"):
+        dataclasses.replace(TINY, plan_dtype="float16")
+
+
+def test_known_task_plans_with_its_reward_and_unknown_task_learns_one():
+    import gymnasium as gym
+
+    known = PETS(make_env(POINT_MASS_ID))
+    assert known.model.out_dim == 2 and known.evaluator.reward is not None
+    unknown = PETS(gym.make("MountainCarContinuous-v0"), config=TINY)
+    assert unknown.model.out_dim == 3 and unknown.evaluator.reward is None
+    assert unknown.evaluator.terminated is None
+
+
+UNKNOWN_POINT_MASS = "mbrl_bilevel_test/PointMassNoTaskReward-v0"
+
+
+def test_learned_reward_head_trains_and_plans_on_a_task_without_task_functions():
+    """The point mass under an id envs.tasks does not know: PETS must learn -||p'|| itself."""
+    import gymnasium as gym
+
+    from envs.tasks import task_functions
+
+    if UNKNOWN_POINT_MASS not in gym.registry:
+        gym.register(UNKNOWN_POINT_MASS, "envs.point_mass:PointMassEnv", max_episode_steps=50)
+    assert task_functions(UNKNOWN_POINT_MASS) is None
+    agent = PETS(make_env(UNKNOWN_POINT_MASS, seed=0), config=TINY, seed=0).learn(200)
+    planned = agent.episode_returns[1:]  # random actions average about -41
+    assert np.mean(planned[-2:]) > -10.0
+    obs = np.array([1.0, -1.0], dtype=np.float32)
+    action, _ = agent.predict(obs)
+    assert action[0] < 0 < action[1]  # heads for the origin
 
 
 class KillAt(BaseCallback):

@@ -128,6 +128,6 @@ def test_gaussian_ensemble_rollout_uses_only_the_elites(propagation):
         state = start
         for t in range(3):
             x = torch.cat([state, actions[0, t]])[None]
-            state = state + model(x).mean[member].mean(0)[0]
+            state = state + model(x).mean[member].mean(0)[0].detach()
             expected += float(state[0]) / (2 if propagation == "tsinf" else 1)
     assert float(evaluator(actions)) == pytest.approx(expected, abs=1e-5)
