@@ -53,10 +53,11 @@ class TrajectoryEvaluator:
         self.propagation, self.dtype = propagation, dtype
         self.generator = generator or torch.Generator().manual_seed(0)
         self.start: torch.Tensor | None = None
-        self.members, self.member_count = None, 0
+        self.members, self.member_count, self.version = None, 0, None
 
     def set_start(self, observation: torch.Tensor) -> None:
-        """The state s_0 [O] every rollout starts from; snapshots the model's elite members."""
+        """The state s_0 [O] every rollout starts from; snapshots the model's elite members
+        again if the model has changed since the last call."""
         self.start = observation.float()
         expected = len(self.start) + (self.reward is None)
         if self.model.out_dim != expected:
@@ -65,9 +66,11 @@ class TrajectoryEvaluator:
                 f"-dim states {'with a learned' if self.reward is None else 'with a task'} reward "
                 f"needs {expected}"
             )
-        elites = self.model.elite_mask.nonzero().squeeze(-1)
-        self.members = self.model.frozen_members(elites, self.dtype)
-        self.member_count = len(elites)
+        version = model_version(self.model)
+        if version != self.version:  # new weights, normaliser or elites since the last snapshot
+            elites = self.model.elite_mask.nonzero().squeeze(-1)
+            self.members = self.model.frozen_members(elites, self.dtype)
+            self.member_count, self.version = len(elites), version
 
     @torch.inference_mode()
     def __call__(self, actions: torch.Tensor) -> torch.Tensor:
@@ -115,3 +118,10 @@ class TrajectoryEvaluator:
             state = next_state
         by_particle = torch.empty(total).index_copy_(0, particle, returns.flatten())
         return by_particle[:count].view(candidates, self.particles).mean(1)
+
+
+def model_version(model: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Identity and in-place version counter of every parameter and buffer: changes whenever
+    training, load_state_dict, fit_normaliser or select_elites touches the model."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return tuple((id(tensor), tensor._version) for tensor in tensors)

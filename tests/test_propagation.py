@@ -131,3 +131,15 @@ def test_gaussian_ensemble_rollout_uses_only_the_elites(propagation):
             state = state + model(x).mean[member].mean(0)[0].detach()
             expected += float(state[0]) / (2 if propagation == "tsinf" else 1)
     assert float(evaluator(actions)) == pytest.approx(expected, abs=1e-5)
+
+
+def test_elite_snapshot_follows_changes_of_the_model():
+    model = OffsetEnsemble([0.0, 1000.0], elites=torch.tensor([True, False]))
+    evaluator = TrajectoryEvaluator(model, position, never, particles=2)
+    evaluator.set_start(torch.tensor([0.0]))
+    snapshot = evaluator.members
+    evaluator.set_start(torch.tensor([1.0]))
+    assert evaluator.members is snapshot  # unchanged model: no new copy
+    model.elite_mask.copy_(torch.tensor([False, True]))
+    evaluator.set_start(torch.tensor([0.0]))
+    assert evaluator(torch.zeros(1, 2, 1)).item() == pytest.approx(3000.0, rel=1e-4)
