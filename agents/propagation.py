@@ -30,7 +30,8 @@ class TrajectoryEvaluator:
     `model` is a GaussianEnsemble (or anything with `elite_mask` [E], `out_dim` and
     `frozen_members(index, dtype)` -> f(x [E', B, O + A]) -> (mean, std) [E', B, D]) over
     Δ-states (D = O), or over [Δ-state, reward] (D = O + 1) when `reward` is None.
-    `terminated` None (or envs.tasks.never_terminated) means never. Sampling draws from `generator`, so plans are reproducible.
+    `terminated` None (or envs.tasks.never_terminated) means never. Sampling draws from
+    `generator`, so plans are reproducible.
     """
 
     def __init__(

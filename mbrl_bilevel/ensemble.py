@@ -169,6 +169,7 @@ class FrozenMembers:
         self.dtype = dtype
         self.buffers = [torch.empty(0, dtype=dtype) for _ in weights[:-1]]
 
+    @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = stacked_mlp(x.to(self.dtype), self.weights, self.biases, self.buffers)
         mean, raw = h.float().chunk(2, dim=-1)
