@@ -23,7 +23,7 @@ def icem_candidates_per_step(config) -> int:
 def test_bench_plan_counts_the_model_flops_and_reports_ratios(tmp_path, capsys):
     main(
         ["bench", "plan", "--plan.presets", "tiny", "--plan.steps", "2", "--out-dir", str(tmp_path)]
-        + ["--name", "plan", "--plan.obs-dim", "9", "--plan.action-dim", "2"]
+        + ["--name", "plan", "--plan.obs-dim", "9", "--plan.action-dim", "2", "--plan.threads", "1"]
     )
     row = json.loads((tmp_path / "plan" / "summary.json").read_text())["rows"][0]
     tiny = PRESETS["tiny"]
