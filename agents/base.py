@@ -82,6 +82,9 @@ class ModelBasedAgent:
     presets: ClassVar[dict[str, ModelConfig]]
     timing_key: ClassVar[str]
     """Scalar name of the mean time the policy takes per action, in ms."""
+    learns_reward: ClassVar[bool] = False
+    """Whether the agent works on envs without task functions: the ensemble then also predicts
+    the reward (targets [Δs, r])."""
 
     def __init__(
         self,
@@ -103,17 +106,18 @@ class ModelBasedAgent:
             config = self.presets[config]
         env_id = env.spec.id if env.spec else type(env).__name__
         self.task = task_functions(env_id)
-        if self.task is None:
+        if self.task is None and not self.learns_reward:
             raise ConfigError(f"no known task reward for {env_id!r}; {name} supports {KNOWN}")
         self.env, self.dynamics_loss, self.config, self.seed = env, dynamics_loss, config, seed
         self.tensorboard_log, self.verbose = tensorboard_log, verbose
         torch.manual_seed(seed)
         obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+        out_dim = obs_dim + (self.task is None)
         self.model = GaussianEnsemble(
-            obs_dim + act_dim, obs_dim, config.members, config.elite_members, config.hidden
+            obs_dim + act_dim, out_dim, config.members, config.elite_members, config.hidden
         )
         self.learner = make_dynamics_learner(
-            dynamics_loss, config.fit_config(), obs_dim + act_dim, obs_dim, seed=seed
+            dynamics_loss, config.fit_config(), obs_dim + act_dim, out_dim, seed=seed
         )
         self.action_low = torch.as_tensor(env.action_space.low, dtype=torch.float32)
         self.action_high = torch.as_tensor(env.action_space.high, dtype=torch.float32)
@@ -272,7 +276,7 @@ class ModelBasedAgent:
 
     def _train_model(self, data: Transitions) -> None:
         """Retrain the ensemble on Δ-state targets of `data`, with a random validation split."""
-        dataset = data.model_dataset(delta=True)
+        dataset = data.model_dataset(delta=True, reward=self.task is None)
         generator = torch.Generator().manual_seed(self.seed + self.num_timesteps)
         fraction = self.config.val_fraction
         train, val = random_split(dataset, [1 - fraction, fraction], generator)

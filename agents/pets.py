@@ -18,6 +18,9 @@ from agents.base import ModelBasedAgent, ModelConfig, Step, transitions_from_ste
 from agents.planners import CEMConfig, CEMPlanner
 from agents.propagation import TrajectoryEvaluator
 from mbrl_bilevel.transitions import Transitions
+from mbrl_bilevel.validation import ConfigError
+
+PLAN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,15 @@ class PETSConfig(ModelConfig):
     """Particles per candidate."""
     propagation: str = "tsinf"
     """ts1, tsinf or expectation."""
+    plan_dtype: str = "float32"
+    """Dtype of the model evaluations while planning: float32 or bfloat16 (fast only on CPUs
+    with bf16 matmul units; docs/pets.md)."""
+
+    def __post_init__(self):
+        if self.plan_dtype not in PLAN_DTYPES:
+            raise ConfigError(
+                f"unknown plan_dtype {self.plan_dtype!r}; choose from {sorted(PLAN_DTYPES)}"
+            )
 
     def planner_config(self) -> CEMConfig:
         icem = (
@@ -81,11 +93,14 @@ PRESETS = {
 
 
 class PETS(ModelBasedAgent):
-    """A PETS agent on a continuous-action Gymnasium env with a known task reward (envs.tasks)."""
+    """A PETS agent on a continuous-action Gymnasium env. With a known task reward (envs.tasks)
+    it plans with it and the task's termination; otherwise the ensemble also predicts the reward
+    (targets [Δs, r]) and plans with its mean, without termination."""
 
     config_type = PETSConfig
     presets = PRESETS
     timing_key = "planner/ms_per_step"
+    learns_reward = True
 
     def _setup(self) -> None:
         config = self.config
@@ -95,11 +110,12 @@ class PETS(ModelBasedAgent):
         )
         self.evaluator = TrajectoryEvaluator(
             self.model,
-            self.task.reward,
-            self.task.terminated,
+            None if self.task is None else self.task.reward,
+            None if self.task is None else self.task.terminated,
             config.particles,
             config.propagation,
             generator,
+            PLAN_DTYPES[config.plan_dtype],
         )
         self.data: Transitions | None = None
 

@@ -61,9 +61,10 @@ def run_dynamics(config: DynamicsConfig) -> None:
 
 
 def run_bench(config: BenchConfig) -> None:
+    from agents.plan_bench import run_plan_bench
     from mbrl_bilevel.bench import run_bench as run
 
-    print(run(config))
+    print(run(config, plan_runner=run_plan_bench))
 
 
 def run_tabular(config: TabularConfig) -> None:

@@ -79,12 +79,7 @@ class GaussianEnsemble(nn.Module):
         h = (x - self.input_mean) / self.input_std
         if h.ndim == 2:
             h = h.expand(self.members, *h.shape)
-        last = len(self.weights) - 1
-        for index, (weight, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
-            h = torch.baddbmm(bias, h, weight)
-            if index < last:
-                h = F.silu(h)
-        mean, raw = h.chunk(2, dim=-1)
+        mean, raw = stacked_mlp(h, self.weights, self.biases).chunk(2, dim=-1)
         return mean, soft_bound(raw, self.min_log_var, self.max_log_var)
 
     def forward(self, x: torch.Tensor) -> Independent:
@@ -92,6 +87,13 @@ class GaussianEnsemble(nn.Module):
         return _diag_normal(
             mean * self.target_std + self.target_mean, (0.5 * log_var).exp() * self.target_std
         )
+
+    def frozen_members(
+        self, members: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> FrozenMembers:
+        """A detached copy of the members `members` [E'] (indices) for fast inference, with the
+        weights in `dtype`; see FrozenMembers."""
+        return FrozenMembers(self, members, dtype)
 
     def log_var_penalty(self) -> torch.Tensor:
         """PETS' penalty on the learnable bounds: Σ max_log_var - Σ min_log_var."""
@@ -142,6 +144,66 @@ class NormalisedTargets(nn.Module):
     def normalise(self, data: Dataset) -> Dataset:
         ensemble = self.ensemble
         return Dataset(data.x, (data.y - ensemble.target_mean) / ensemble.target_std)
+
+
+class FrozenMembers:
+    """Some members of a GaussianEnsemble, detached, for planning: (x [E', B, in]) -> raw-unit
+    mean and std [E', B, D] of those members, equal to the ensemble's own up to rounding.
+
+    The weights are copied at construction (later training does not reach them), with the input
+    and target normalisers folded into the first and last layers, and cast to `dtype`: the
+    layers run in `dtype`, inputs and outputs are float32.
+    """
+
+    def __init__(self, ensemble: GaussianEnsemble, members: torch.Tensor, dtype: torch.dtype):
+        with torch.no_grad():
+            weights = [w[members] for w in ensemble.weights]
+            biases = [b[members] for b in ensemble.biases]
+            # first layer: ((x - m) / s) W + b = x (W / s) + (b - (m / s) W)
+            scaled = ensemble.input_mean / ensemble.input_std
+            biases[0] = biases[0] - (scaled @ weights[0])[:, None]
+            weights[0] = weights[0] / ensemble.input_std[:, None]
+            # last layer, mean columns: (h W + b) t_std + t_mean
+            scale = torch.cat([ensemble.target_std, torch.ones_like(ensemble.target_std)])
+            shift = torch.cat([ensemble.target_mean, torch.zeros_like(ensemble.target_mean)])
+            weights[-1], biases[-1] = weights[-1] * scale, biases[-1] * scale + shift
+            self.weights = [w.to(dtype) for w in weights]
+            self.biases = [b.to(dtype) for b in biases]
+            self.bounds = ensemble.min_log_var.clone(), ensemble.max_log_var.clone()
+            self.log_target_std = ensemble.target_std.log()
+        self.dtype = dtype
+        self.buffers = [torch.empty(0, dtype=dtype) for _ in weights[:-1]]
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = stacked_mlp(x.to(self.dtype), self.weights, self.biases, self.buffers)
+        mean, raw = h.float().chunk(2, dim=-1)
+        log_std = torch.add(self.log_target_std, soft_bound(raw, *self.bounds), alpha=0.5)
+        return mean, log_std.exp_()
+
+
+def stacked_mlp(
+    h: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    buffers: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The members' SiLU MLPs at once: h [E, B, in] -> [E, B, out] with weights [E, in, out] and
+    biases [E, 1, out] per layer. With `buffers` (one flat tensor per hidden layer, grown when
+    too small) the hidden activations are computed in place in them, with no gradient and no
+    large allocation (whose page faults cost as much as a fifth of the matmul time)."""
+    last = len(weights) - 1
+    for index, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
+        if buffers is None or index == last:
+            h = torch.baddbmm(bias, h, weight)
+        else:
+            shape = (*h.shape[:-1], weight.shape[-1])
+            if buffers[index].numel() < math.prod(shape):
+                buffers[index] = h.new_empty(math.prod(shape))
+            h = torch.baddbmm(bias, h, weight, out=buffers[index][: math.prod(shape)].view(shape))
+        if index < last:
+            h = F.silu(h, inplace=buffers is not None)
+    return h
 
 
 def _diag_normal(loc: torch.Tensor, scale: torch.Tensor) -> Independent:

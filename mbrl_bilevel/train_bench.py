@@ -49,12 +49,18 @@ class TrainBenchConfig:
     """Torch threads for both measurements."""
 
 
+def linear_flops_per_row(in_dim: int, out_dim: int, hidden: tuple[int, ...]) -> int:
+    """2·Σ(in·out): the forward matmuls of one member for one input row (outputs mean and
+    log-variance, 2·out_dim)."""
+    dims = [in_dim, *hidden, 2 * out_dim]
+    return 2 * sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
+
+
 def linear_flops_per_step(
     in_dim: int, out_dim: int, hidden: tuple[int, ...], members: int, batch: int
 ):
     """6·E·B·Σ(in·out): forward and backward matmuls of every linear layer."""
-    dims = [in_dim, *hidden, 2 * out_dim]
-    return 6 * members * batch * sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
+    return 3 * members * batch * linear_flops_per_row(in_dim, out_dim, hidden)
 
 
 def matmul_seconds(size: int = 1024, repeats: int = 5) -> float:

@@ -78,10 +78,13 @@ class Transitions:
             raise ConfigError("nothing to concatenate: no transition datasets given")
         return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
 
-    def model_dataset(self, delta: bool = True) -> Dataset:
-        """x = [s, a] [N, O + A]; y = s' - s (delta=True) or s' [N, O]; float32 tensors."""
+    def model_dataset(self, delta: bool = True, reward: bool = False) -> Dataset:
+        """x = [s, a] [N, O + A]; y = s' - s (delta=True) or s' [N, O], with the reward r as a
+        last column [N, O + 1] when `reward`; float32 tensors."""
         x = np.concatenate([self.observations, self.actions], axis=1)
         y = self.next_observations - self.observations if delta else self.next_observations
+        if reward:
+            y = np.concatenate([y, self.rewards[:, None]], axis=1)
         return Dataset(
             torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
         )

@@ -26,6 +26,26 @@ def linear_data(n=1500, seed=0, scale=(3.0, 0.02)):
     return Dataset(x, y)
 
 
+def test_frozen_members_match_the_ensemble_and_ignore_later_training():
+    torch.manual_seed(0)
+    ens = GaussianEnsemble(4, 3, members=5, elites=2, hidden=(8, 8))
+    ens.fit_normaliser(torch.randn(50, 4) * 3 + 1, torch.randn(50, 3) * 2 - 1)
+    members = torch.tensor([4, 1])
+    frozen = ens.frozen_members(members)
+    x = torch.randn(2, 6, 4)
+    full = ens(torch.zeros(5, 6, 4).index_copy(0, members, x))
+    mean, std = frozen(x)
+    assert torch.allclose(mean, full.mean[members], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(std, full.stddev[members], atol=1e-5, rtol=1e-5)
+    half_mean, _ = ens.frozen_members(members, torch.bfloat16)(x)
+    assert half_mean.dtype == torch.float32
+    assert torch.allclose(half_mean, mean, atol=0.05 * mean.abs().max().item())
+    with torch.no_grad():
+        ens.weights[0].add_(1.0)
+        ens.target_mean.add_(1.0)
+    assert torch.equal(frozen(x)[0], mean)
+
+
 def test_forward_shapes_and_members_match_a_loop():
     torch.manual_seed(0)
     ens = GaussianEnsemble(4, 3, members=5, elites=2, hidden=(8, 8))
