@@ -36,14 +36,16 @@ class TrainConfig:
     dynamics_loss: str = "bilevel"
     """Dynamics learner: mse, nll, nll-beta, pg (U = I), pg-scaled, pg-raw-sigma, pg-plugin,
     bilevel (a diagonal reward U learned by implicit differentiation) or bilevel-input (U(x))."""
-    steps: int = 5000
+    steps: int = 1500
     """Total env steps."""
-    preset: str = "cpu"
-    """Agent sizes: cpu (this machine), tiny (tests), the paper's defaults (pets for pets, mbpo for
-    mbpo), or sac (mbpo without a model: plain SB3 SAC, the baseline)."""
+    preset: str = "tiny"
+    """Agent sizes: tiny (a small model and planner: minutes on a CPU, enough for
+    InvertedPendulum and the point mass), cpu (sized for this machine's 2 cores: harder tasks),
+    the paper's defaults (pets for pets, mbpo for mbpo), or sac (mbpo without a model: plain SB3
+    SAC, the baseline)."""
     seed: int = 0
     """Seed of the agent and the env."""
-    eval_every: int = 1000
+    eval_every: int = 500
     """Evaluate every this many env steps."""
     eval_episodes: int = 3
     """Episodes per evaluation."""
