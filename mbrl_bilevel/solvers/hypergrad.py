@@ -149,7 +149,12 @@ def implicit_hypergradient(
 
     if config.method == "cg":
         v, info = conjugate_gradient(
-            matvec, rhs, warm if config.warm_start else None, config.tol, config.max_iter
+            matvec,
+            rhs,
+            warm if config.warm_start else None,
+            config.tol,
+            config.max_iter,
+            config.warn,
         )
     elif config.method == "neumann":
         v, info = neumann(matvec, rhs, config.neumann_step, config.max_iter)

@@ -37,6 +37,9 @@ class LinearSolverConfig:
     """Start cg from the previous outer step's solution."""
     neumann_step: float = 0.1
     """α in v = α Σ_k (I - αA)^k b; needs α < 2 / λ_max(A) to converge."""
+    warn: bool = True
+    """Log a warning when a solve misses its tolerance or meets negative curvature (off when the
+    caller records the residual itself, e.g. as a TensorBoard scalar)."""
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -56,7 +59,12 @@ class SolveInfo:
 
 
 def conjugate_gradient(
-    matvec: MatVec, b: torch.Tensor, x0: torch.Tensor | None, tol: float, max_iter: int
+    matvec: MatVec,
+    b: torch.Tensor,
+    x0: torch.Tensor | None,
+    tol: float,
+    max_iter: int,
+    warn: bool = True,
 ) -> tuple[torch.Tensor, SolveInfo]:
     """CG for SPD A, from x0 (zeros if None). b, x0 [P] -> v [P]."""
     x = torch.zeros_like(b) if x0 is None else x0.clone()
@@ -72,7 +80,10 @@ def conjugate_gradient(
         if not math.isfinite(float(curvature)):
             raise FloatingPointError(f"CG: the Hessian-vector product is not finite ({curvature})")
         if not float(curvature) > 0:
-            log.warning("CG met non-positive curvature %.3g (Hessian not SPD)", float(curvature))
+            if warn:
+                log.warning(
+                    "CG met non-positive curvature %.3g (Hessian not SPD)", float(curvature)
+                )
             break
         alpha = rs / curvature
         x, r = x + alpha * p, r - alpha * Ap
@@ -110,7 +121,7 @@ def check_solution(v: torch.Tensor, info: SolveInfo, config: LinearSolverConfig)
             f"the {config.method} linear solve returned non-finite values "
             f"(residual {info.residual}); increase damping or reduce the outer learning rate"
         )
-    if not info.converged:
+    if not info.converged and config.warn:
         log.warning(
             "%s linear solve did not converge: relative residual %.3g after %d iterations "
             "(tol %.1g); the hypergradient is approximate",

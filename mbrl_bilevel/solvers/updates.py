@@ -112,7 +112,9 @@ class ImplicitRefresh:
     """Learn the reward's φ during the fit: every `every` steps one implicit outer step (IFT
     hypergradient of the held-out NLL from the differentiable `objective`, then Adam on φ),
     on `batch_size` random rows of each split. The outer Adam and the CG warm start persist
-    across fits (an agent retraining its model keeps learning the same reward).
+    across fits (an agent retraining its model keeps learning the same reward). Each step's
+    relative residual is returned as solver/residual (TensorBoard) instead of a log warning;
+    a step whose solve is no better than v = 0 is skipped with a warning.
 
     With `output_layer_only`, θ in the IFT is the predictor's output layer
     (`predictor.output_layer_names()`), the features held fixed: -J is then (nearly) convex in θ,
@@ -142,7 +144,7 @@ class ImplicitRefresh:
             every,
             batch_size,
         )
-        self.linear = linear or LinearSolverConfig(damping=1e-2, max_iter=10, tol=1e-2)
+        self.linear = linear or LinearSolverConfig(damping=1e-2, max_iter=10, tol=1e-2, warn=False)
         self.optimizer = torch.optim.Adam(reward.parameters(), lr=check_positive(outer_lr, "lr"))
         self.generator = torch.Generator().manual_seed(seed)
         self.plugin_start, self.output_layer_only = plugin_start, output_layer_only
