@@ -55,6 +55,11 @@ class GaussianMLP(nn.Module):
         self.net = mlp(in_dim, 2 * out_dim, hidden)
         self.min_log_std, self.max_log_std = min_log_std, max_log_std
 
+    def output_layer_names(self) -> list[str]:
+        """Names of the last linear layer's weight [2D, h] and bias [2D]."""
+        last = len(self.net) - 1
+        return [f"net.{last}.weight", f"net.{last}.bias"]
+
     def forward(self, x: torch.Tensor) -> Distribution:
         mean, raw = self.net(x).chunk(2, dim=-1)
         log_std = soft_bound(raw, self.min_log_std, self.max_log_std)

@@ -28,16 +28,20 @@ def test_reward_shapes_and_value(kind, reward_matrix3):
 
 
 def test_learnable_rewards_stay_spd_and_have_gradients(reward_matrix3):
+    """Any parameter values give an SPD U (checked in float64: a large random perturbation makes
+    the Cholesky U so ill-conditioned that float32 eigenvalues can round below 0)."""
+    generator = torch.Generator().manual_seed(0)
     for reward in (
         ScalarMahalanobis(3, 0.5),
         DiagonalMahalanobis(torch.ones(3)),
         CholeskyMahalanobis(reward_matrix3.float()),
     ):
+        reward = reward.double()
         with torch.no_grad():
             for p in reward.parameters():
-                p.add_(torch.randn_like(p) * 3)
+                p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 3)
         assert torch.linalg.eigvalsh(reward.matrix()).min() > 0
-        reward(torch.randn(2, 3), torch.randn(2, 3)).sum().backward()
+        reward(torch.randn(2, 3).double(), torch.randn(2, 3).double()).sum().backward()
         assert all(p.grad is not None for p in reward.parameters())
 
 
