@@ -246,7 +246,8 @@ class EnsembleLearner:
 
     `update` (solvers.updates: FixedReward, PluginRefresh, ImplicitRefresh) adapts the reward of
     a PG loss: `update.start(view, train, val)` with normalised data at the start of each fit,
-    `update(step, view)` after every step.
+    `update(step, view)` after every step; its latest scalars (`update.last`: reward/,
+    solver/) join fit's return value.
     """
 
     def __init__(
@@ -301,7 +302,8 @@ class EnsembleLearner:
         if val is not None:
             scores = ensemble.select_elites(val, self.config.select_on)
             result.metrics["val/elite_score"] = float(scores[ensemble.elite_mask].mean())
-        return result.metrics | {"best_step": float(result.best_step)}
+        reward = self.update.last if self.update is not None else {}
+        return result.metrics | reward | {"best_step": float(result.best_step)}
 
     def state_dict(self) -> dict:
         """What a resumed agent needs: the step axis and the reward update's state."""

@@ -31,7 +31,8 @@ def fit(strategy, steps=800, heteroscedastic=False, plugin_start=True, **options
     learner = make_dynamics_learner(strategy, config, 3, 2, options=options, progress=False)
     if strategy.startswith("bilevel"):
         learner.update.plugin_start = plugin_start
-    learner.fit(ensemble, train, val)
+    metrics = learner.fit(ensemble, train, val)
+    assert {"reward/u_eig_min", "reward/u_eig_max"} <= set(metrics)  # for the agents' logs
     return ensemble, learner, val
 
 

@@ -31,6 +31,9 @@ from mbrl_bilevel.validation import ConfigError, check_positive
 
 
 class RewardUpdate(Protocol):
+    last: dict[str, float]
+    """The scalars of the latest reward update (reward/, solver/), for a learner's return value."""
+
     def start(self, predictor: nn.Module, train: Dataset, val: Dataset | None) -> None: ...
 
     def __call__(self, step: int, predictor: nn.Module) -> dict[str, float]: ...
@@ -63,6 +66,7 @@ class FixedReward(_RewardState):
 
     def __init__(self, reward: FixedMahalanobis, choose: Callable[[Dataset], torch.Tensor]):
         self.reward, self.choose = reward, choose
+        self.last: dict[str, float] = {}
 
     def start(self, predictor: nn.Module, train: Dataset, val: Dataset | None) -> None:
         self.reward.U.copy_(self.choose(train).to(self.reward.U))
@@ -92,6 +96,7 @@ class PluginRefresh(_RewardState):
         self.reward, self.lam, self.kind = reward, check_positive(lam, "λ"), kind
         self.every, self.max_condition = every, max_condition
         self.val: Dataset | None = None
+        self.last: dict[str, float] = {}
 
     def start(self, predictor: nn.Module, train: Dataset, val: Dataset | None) -> None:
         self.val = _require_val(val, "the plug-in reward")
@@ -105,7 +110,8 @@ class PluginRefresh(_RewardState):
         if step % self.every:
             return {}
         self._refresh(predictor)
-        return reward_diagnostics(self.reward, self.val.x[:1])
+        self.last = reward_diagnostics(self.reward, self.val.x[:1])
+        return self.last
 
 
 class ImplicitRefresh:
@@ -149,6 +155,7 @@ class ImplicitRefresh:
         self.generator = torch.Generator().manual_seed(seed)
         self.plugin_start, self.output_layer_only = plugin_start, output_layer_only
         self.warm: torch.Tensor | None = None
+        self.last: dict[str, float] = {}
         self.outer_step = 0
         self.train: Dataset | None = None
         self.val: Dataset | None = None
@@ -175,7 +182,8 @@ class ImplicitRefresh:
         row, self.warm = implicit_outer_step(
             problem, self.optimizer, self.linear, self.warm, self.outer_step
         )
-        return row | reward_diagnostics(self.reward, val.x)
+        self.last = row | reward_diagnostics(self.reward, val.x)
+        return self.last
 
     def state_dict(self) -> dict:
         return {
