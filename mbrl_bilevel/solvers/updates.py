@@ -123,10 +123,11 @@ class ImplicitRefresh:
     a step whose solve is no better than v = 0 is skipped with a warning.
 
     With `output_layer_only`, θ in the IFT is the predictor's output layer
-    (`predictor.output_layer_names()`), the features held fixed: -J is then (nearly) convex in θ,
-    so CG converges; over every parameter of a deep ensemble the Hessian is indefinite and most
-    solves fail. With `plugin_start`, the first outer step first sets U (constant in x) to the diagonal
-    plug-in (λ/2)diag(Σ̂)⁻¹ of the held-out residuals: the closed-form optimum for a
+    (`predictor.output_layer_names()`), the features held fixed: -J is then nearly convex in θ
+    and CG usually converges (every solve on the linear test problem; about four in five on
+    Hopper data), where over every parameter of a deep ensemble the Hessian is indefinite and
+    most solves fail. With `plugin_start`, the first outer step sets U (constant in x) to the
+    diagonal plug-in (λ/2)diag(Σ̂)⁻¹ of the held-out residuals, the closed-form optimum for a
     homoscedastic model, from which the hypergradient refines (a log-U that starts far away
     needs many outer steps of a bounded-step optimiser like Adam)."""
 
