@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import tyro
 from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
+from stable_baselines3.common.monitor import Monitor
 
 from agents.mbpo import MBPO
 from agents.pets import PETS
@@ -100,7 +101,7 @@ def run_train(config: TrainConfig) -> None:
     torch.set_num_threads(config.threads)
     env, eval_env = (
         make_env(config.env, seed=config.seed),
-        make_env(config.env, seed=config.seed + 1),
+        Monitor(make_env(config.env, seed=config.seed + 1)),  # true episode returns in eval
     )
     name = config.name or f"{config.env}-{config.agent}-{config.dynamics_loss}-s{config.seed}"
     run_dir = (

@@ -76,7 +76,7 @@ PRESETS = {
         members=5,
         elite_members=3,
         hidden=(64, 64),
-        train_steps=200,
+        train_steps=1000,
         random_steps=50,
     ),
     "cpu": PETSConfig(
@@ -93,8 +93,8 @@ PRESETS = {
 
 
 class PETS(ModelBasedAgent):
-    """A PETS agent on a continuous-action Gymnasium env. With a known task reward (envs.tasks)
-    it plans with it and the task's termination; otherwise the ensemble also predicts the reward
+    """A PETS agent on a continuous-action Gymnasium env. With known task functions (envs.tasks)
+    it plans with the task's planning reward and termination; otherwise the ensemble also predicts the reward
     (targets [Δs, r]) and plans with its mean, without termination."""
 
     config_type = PETSConfig
@@ -110,7 +110,7 @@ class PETS(ModelBasedAgent):
         )
         self.evaluator = TrajectoryEvaluator(
             self.model,
-            None if self.task is None else self.task.reward,
+            None if self.task is None else self.task.planning_reward,
             None if self.task is None else self.task.terminated,
             config.particles,
             config.propagation,

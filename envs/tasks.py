@@ -27,10 +27,19 @@ TaskFunction = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 @dataclass(frozen=True)
 class TaskFunctions:
-    """The reward [...] and terminated [...] functions of one task, both f(obs, action, next_obs)."""
+    """The reward [...] and terminated [...] functions of one task, all f(obs, action, next_obs).
+
+    `plan_reward` is what a planner maximises when it is not the env's reward (None: the reward
+    itself), as PETS planned with its own task costs.
+    """
 
     reward: TaskFunction
     terminated: TaskFunction
+    plan_reward: TaskFunction | None = None
+
+    @property
+    def planning_reward(self) -> TaskFunction:
+        return self.plan_reward or self.reward
 
 
 def never_terminated(obs: Tensor, action: Tensor, next_obs: Tensor) -> Tensor:
@@ -135,6 +144,17 @@ def inverted_pendulum_reward(obs: Tensor, action: Tensor, next_obs: Tensor) -> T
     return (~inverted_pendulum_terminated(obs, action, next_obs)).to(next_obs.dtype)
 
 
+def inverted_pendulum_plan_reward(obs: Tensor, action: Tensor, next_obs: Tensor) -> Tensor:
+    """exp(-|tip - upright tip|² / 0.6²) while alive (the PETS paper's cartpole cost; the 0.6 m
+    pole). The env's reward (1 while the pole is up) ties every candidate that survives the
+    horizon, so even with the simulator as its model CEM lets the cart drift into the rail and
+    the pole falls (docs/pets.md)."""
+    x, angle = next_obs[..., 0], next_obs[..., 1]
+    distance = (x + 0.6 * torch.sin(angle)).square() + (0.6 * torch.cos(angle) - 0.6).square()
+    alive = inverted_pendulum_reward(obs, action, next_obs)
+    return alive * torch.exp(-distance / 0.36)
+
+
 # InvertedDoublePendulum-v5: obs = cart x, sin q1, sin q2, cos q1, cos q2,
 # clip(qvel, -10, 10) (cart, q1, q2), clipped constraint force. Two 0.6 m links on a cart at z = 0.
 def inverted_double_pendulum_tip(next_obs: Tensor) -> tuple[Tensor, Tensor]:
@@ -165,7 +185,9 @@ TASKS: dict[str, TaskFunctions] = {
     "Swimmer-v5": TaskFunctions(swimmer_reward, never_terminated),
     "Reacher-v5": TaskFunctions(reacher_reward, never_terminated),
     "Pusher-v5": TaskFunctions(pusher_reward, never_terminated),
-    "InvertedPendulum-v5": TaskFunctions(inverted_pendulum_reward, inverted_pendulum_terminated),
+    "InvertedPendulum-v5": TaskFunctions(
+        inverted_pendulum_reward, inverted_pendulum_terminated, inverted_pendulum_plan_reward
+    ),
     "InvertedDoublePendulum-v5": TaskFunctions(
         inverted_double_pendulum_reward, inverted_double_pendulum_terminated
     ),

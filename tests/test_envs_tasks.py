@@ -129,3 +129,18 @@ def test_the_velocity_interpolation_beats_the_next_state_velocity():
 def test_unknown_tasks_have_no_reward_function():
     assert task_functions("Humanoid-v5") is None
     assert task_functions("HalfCheetah-v4") is None
+
+
+def test_inverted_pendulum_plans_for_the_upright_centred_pole():
+    """The planning reward is 1 upright at the rail's centre, falls with the cart's distance from
+    it, is 0 once the pole has fallen, and never exceeds the env's reward."""
+    task = task_functions("InvertedPendulum-v5")
+    # cart x, pole angle, velocities: centred, off-centre, tilted, fallen
+    states = torch.tensor([[0.0, 0, 0, 0], [0.5, 0, 0, 0], [0.0, 0.15, 0, 0], [0.0, 0.3, 0, 0]])
+    action = torch.zeros(4, 1)
+    plan = task.planning_reward(states, action, states)
+    env_reward = task.reward(states, action, states)
+    assert plan[0] == 1.0 and plan[3] == 0.0
+    assert 0 < plan[1] < plan[2] < plan[0]
+    assert (plan <= env_reward).all()
+    assert task_functions("Hopper-v5").planning_reward is task_functions("Hopper-v5").reward
