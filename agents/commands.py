@@ -36,7 +36,8 @@ class TrainConfig:
     """Agent: pets (MPC) or mbpo (Dyna on SB3's SAC)."""
     dynamics_loss: str = "bilevel"
     """Dynamics learner: mse, nll, nll-beta, pg (U = I), pg-scaled, pg-raw-sigma, pg-plugin,
-    bilevel (a diagonal reward U learned by implicit differentiation) or bilevel-input (U(x))."""
+    pg-plugin-input (the plug-in U(x) from a regression of the held-out residuals), bilevel (a
+    diagonal reward U learned by implicit differentiation) or bilevel-input (U(x))."""
     steps: int = 1500
     """Total env steps."""
     preset: str = "tiny"

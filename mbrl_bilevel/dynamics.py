@@ -57,7 +57,7 @@ class DynamicsConfig:
     dataset of --collect-steps transitions."""
     strategies: str = ",".join(STRATEGIES)
     """Comma-separated strategies: mse, nll, nll-beta, pg-identity, pg-scaled, pg-raw-sigma,
-    pg-plugin, bilevel, bilevel-input."""
+    pg-plugin, pg-plugin-input, bilevel, bilevel-input."""
     seeds: int = 5
     """Seeds (each: its own split, initialisation and sampling)."""
     protocol: str = "default"
@@ -73,7 +73,8 @@ class DynamicsConfig:
     estimator: str = "score"
     """PG gradient estimator: score (REINFORCE, the paper's) or pathwise (reparameterised)."""
     refresh_every: int = 50
-    """Steps between reward updates of pg-plugin (refresh) and bilevel (outer steps)."""
+    """Steps between reward updates of pg-plugin and pg-plugin-input (refreshes) and bilevel
+    (outer steps)."""
     outer_lr: float = 0.05
     """Adam learning rate of the bilevel reward parameters."""
     beta: float = 0.5

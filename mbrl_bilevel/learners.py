@@ -10,6 +10,8 @@ normalised target units:
 - pg-scaled: U = λd/(2 tr Σ̂)·I, Σ̂ the residual covariance of a least-squares fit on train;
 - pg-raw-sigma: U = (λ/2)Σ̂⁻¹, Σ̂ the covariance of the targets themselves (the reference's pitfall);
 - pg-plugin: U = (λ/2)diag(Σ̂)⁻¹, Σ̂ the held-out residual covariance of the model, refreshed;
+- pg-plugin-input: U(x) = (λ/2)diag(σ̂²(x))⁻¹, σ̂²(x) a small MLP regression of the model's
+  held-out squared residuals on x, refreshed (PG then learns a heteroscedastic variance);
 - bilevel: a diagonal U learned by implicit differentiation of the held-out NLL;
 - bilevel-input: an input-dependent U(x) learned the same way.
 """
@@ -25,9 +27,19 @@ from mbrl_bilevel.data import Dataset
 from mbrl_bilevel.ensemble import EnsembleLearner
 from mbrl_bilevel.gaussian import optimal_reward_matrix, residual_covariance, scaled_reward_scalar
 from mbrl_bilevel.losses import BASELINES, BetaNLLLoss, MSELoss, NLLLoss, PathwisePGLoss, PGLoss
-from mbrl_bilevel.rewards import DiagonalMahalanobis, FixedMahalanobis, InputDependentMahalanobis
+from mbrl_bilevel.rewards import (
+    DiagonalInputMahalanobis,
+    DiagonalMahalanobis,
+    FixedMahalanobis,
+    InputDependentMahalanobis,
+)
 from mbrl_bilevel.solvers.objectives import GaussianClosedForm
-from mbrl_bilevel.solvers.updates import FixedReward, ImplicitRefresh, PluginRefresh
+from mbrl_bilevel.solvers.updates import (
+    FixedReward,
+    ImplicitRefresh,
+    InputPluginRefresh,
+    PluginRefresh,
+)
 from mbrl_bilevel.training import FitConfig
 from mbrl_bilevel.validation import ConfigError, check_positive
 
@@ -38,6 +50,7 @@ DYNAMICS_LOSSES = (
     "nll-beta",
     *FIXED_REWARDS,
     "pg-plugin",
+    "pg-plugin-input",
     "bilevel",
     "bilevel-input",
 )
@@ -58,7 +71,7 @@ class PGOptions:
     estimator: str = "score"
     """score (REINFORCE, the paper's) or pathwise (reparameterised, lower variance)."""
     refresh_every: int = 50
-    """Steps between reward updates (pg-plugin's refresh, bilevel's outer steps)."""
+    """Steps between reward updates (pg-plugin's refreshes, bilevel's outer steps)."""
     outer_lr: float = 0.05
     """Adam learning rate of the bilevel reward parameters."""
     hyper_batch: int = 1024
@@ -116,6 +129,9 @@ def _reward_and_update(strategy: str, in_dim: int, out_dim: int, seed: int, opti
     if strategy == "pg-plugin":
         reward = FixedMahalanobis(torch.diag(initial))
         return reward, PluginRefresh(reward, options.lam, "diag", options.refresh_every)
+    if strategy == "pg-plugin-input":
+        reward = DiagonalInputMahalanobis(in_dim, torch.diag(initial))
+        return reward, InputPluginRefresh(reward, options.lam, options.refresh_every)
     if strategy == "bilevel":
         reward = DiagonalMahalanobis(initial)
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mbrl_bilevel.models import lower_cholesky, mlp
+from mbrl_bilevel.models import lower_cholesky, mlp, soft_bound
 from mbrl_bilevel.validation import ConfigError, check_positive, check_spd
 
 
@@ -124,10 +124,21 @@ class InputDependentMahalanobis(MahalanobisReward):
         check_spd(initial, "initial reward matrix U")
         self.dim = initial.shape[0]
         self.min_log, self.max_log = min_log, max_log
-        self.net = mlp(in_dim, self.dim * (self.dim + 1) // 2, hidden)
+        self.net = mlp(in_dim, self.outputs(self.dim), hidden)
         self.set_constant(initial)
         self.register_buffer("input_mean", torch.zeros(in_dim))
         self.register_buffer("input_std", torch.ones(in_dim))
+
+    @staticmethod
+    def outputs(dim: int) -> int:
+        """Width of the MLP's output: the D(D+1)/2 entries of L(x)."""
+        return dim * (dim + 1) // 2
+
+    def raw(self, x: torch.Tensor | None) -> torch.Tensor:
+        """The MLP's output at inputs x [..., in] (normalised here) -> [..., outputs]."""
+        if x is None:
+            raise ConfigError("an input-dependent reward needs the inputs x")
+        return self.net((x - self.input_mean) / self.input_std)
 
     @torch.no_grad()
     def set_constant(self, matrix: torch.Tensor) -> None:
@@ -148,11 +159,47 @@ class InputDependentMahalanobis(MahalanobisReward):
         raise ConfigError("an input-dependent reward has no single matrix; call matrix_at(x)")
 
     def matrix_at(self, x: torch.Tensor | None) -> torch.Tensor:
-        if x is None:
-            raise ConfigError("an input-dependent reward needs the inputs x")
-        h = (x - self.input_mean) / self.input_std
-        chol = lower_cholesky(self.net(h), self.dim, self.min_log, self.max_log)
+        chol = lower_cholesky(self.raw(x), self.dim, self.min_log, self.max_log)
         return chol @ chol.transpose(-2, -1)
+
+
+class DiagonalInputMahalanobis(InputDependentMahalanobis):
+    """U(x) = diag(exp(log_u(x))): the MLP gives log_u(x) [..., D] (softly bounded in
+    (min_log, max_log)), the diagonal U(x) of a diagonal Gaussian model. Cheaper than the Cholesky
+    variant: D outputs, and forward never builds [B, D, D] matrices."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        initial: torch.Tensor,
+        hidden: tuple[int, ...] = (32,),
+        min_log: float = -16.0,
+        max_log: float = 16.0,
+    ):
+        super().__init__(in_dim, initial, hidden, min_log, max_log)
+
+    @staticmethod
+    def outputs(dim: int) -> int:
+        return dim
+
+    @torch.no_grad()
+    def set_constant(self, matrix: torch.Tensor) -> None:
+        """Move φ so that U(x) = diag(matrix) ([D, D], SPD) at every x: zero output weights."""
+        check_spd(matrix, "reward matrix U")
+        self.net[-1].weight.zero_()
+        self.net[-1].bias.copy_(matrix.diagonal().log())
+
+    def log_diagonal_at(self, x: torch.Tensor | None) -> torch.Tensor:
+        """log diag U(x) [..., D] at inputs x [..., in]."""
+        return soft_bound(self.raw(x), self.min_log, self.max_log)
+
+    def matrix_at(self, x: torch.Tensor | None) -> torch.Tensor:
+        return torch.diag_embed(self.log_diagonal_at(x).exp())
+
+    def forward(
+        self, y_hat: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return -((y_hat - y).pow(2) * self.log_diagonal_at(x).exp()).sum(-1)
 
 
 class OneHotReward(nn.Module):

@@ -4,6 +4,8 @@ PG trains it under a reward that changes:
 
 - FixedReward: U chosen once per fit from the training split (pg-identity, pg-scaled, ...).
 - PluginRefresh: U = (λ/2)Σ̂⁻¹ (diag, full or scalar) from the held-out residuals, every K steps.
+- InputPluginRefresh: U(x) = (λ/2)diag(σ̂²(x))⁻¹, σ̂²(x) regressed on the held-out squared
+  residuals every K steps (the heteroscedastic plug-in).
 - ImplicitRefresh: φ moved by the IFT hypergradient of the held-out NLL every K steps, from
   minibatches of the train split (the Hessian) and the held-out split (∇_θ F).
 
@@ -13,6 +15,7 @@ loss's coordinates), then `update(step, predictor) -> scalars` after every optim
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -20,7 +23,11 @@ import torch
 from torch import nn
 
 from mbrl_bilevel.data import Dataset
-from mbrl_bilevel.rewards import FixedMahalanobis, InputDependentMahalanobis
+from mbrl_bilevel.rewards import (
+    DiagonalInputMahalanobis,
+    FixedMahalanobis,
+    InputDependentMahalanobis,
+)
 from mbrl_bilevel.solvers.bilevel import implicit_outer_step
 from mbrl_bilevel.solvers.hypergrad import BilevelProblem
 from mbrl_bilevel.solvers.inner import reward_diagnostics
@@ -112,6 +119,94 @@ class PluginRefresh(_RewardState):
         self._refresh(predictor)
         self.last = reward_diagnostics(self.reward, self.val.x[:1])
         return self.last
+
+
+class InputPluginRefresh:
+    """The heteroscedastic plug-in reward U(x) = (λ/2)diag(σ̂²(x))⁻¹: σ̂²(x) is a regression of the
+    held-out squared residuals r² = (y - μ_θ(x))² (ensemble members averaged) on x, refitted at
+    the start of each fit and every `every` steps. A refit is `fit_steps` full-batch AdamW steps
+    (weight decay `weight_decay`) on the Gaussian NLL of the residuals, log σ̂²(x) + r²/σ̂²(x),
+    warm-started from the last refit, with each dimension's constant level set in closed form
+    before and after (so the average level is always the plug-in's and Adam moves only the
+    shape). PG under U(x) learns S(x) = σ̂²(x) (SPEC 2) and a mean weighted by U(x), as NLL
+    weights it. The regression sees only the held-out split; keep its MLP small."""
+
+    def __init__(
+        self,
+        reward: DiagonalInputMahalanobis,
+        lam: float,
+        every: int = 50,
+        fit_steps: int = 20,
+        lr: float = 0.01,
+        weight_decay: float = 1e-3,
+    ):
+        if every <= 0 or fit_steps <= 0:
+            raise ConfigError(f"every and fit_steps must be > 0, got {every}, {fit_steps}")
+        self.reward, self.lam, self.every, self.fit_steps = (
+            reward,
+            check_positive(lam, "λ"),
+            every,
+            fit_steps,
+        )
+        self.optimizer = torch.optim.AdamW(
+            reward.parameters(), lr=check_positive(lr, "lr"), weight_decay=weight_decay
+        )
+        self.val: Dataset | None = None
+        self.refreshes = 0
+        self.last: dict[str, float] = {}
+
+    def start(self, predictor: nn.Module, train: Dataset, val: Dataset | None) -> None:
+        self.val = _require_val(val, "the heteroscedastic plug-in reward")
+        if self.refreshes == 0:
+            self.reward.fit_normaliser(train.x)
+        self._refresh(predictor)
+
+    def _level(self, squared: torch.Tensor) -> torch.Tensor:
+        """Add to each dimension's log U the constant that minimises the residual NLL; returns
+        that NLL, mean over rows and dims of log σ̂² + r²/σ̂² with σ̂² = (λ/2)/U."""
+        with torch.no_grad():
+            log_u = self.reward.log_diagonal_at(self.val.x)
+            shift = (0.5 * self.lam / (squared * log_u.exp()).mean(0)).log()
+            self.reward.net[-1].bias.add_(shift)
+        return self._residual_nll(squared)
+
+    def _residual_nll(self, squared: torch.Tensor) -> torch.Tensor:
+        log_u = self.reward.log_diagonal_at(self.val.x)
+        return (2 / self.lam * squared * log_u.exp() - log_u).mean() + math.log(0.5 * self.lam)
+
+    def _refresh(self, predictor: nn.Module) -> None:
+        with torch.no_grad():
+            mean = predictor(self.val.x).mean
+            squared = (self.val.y - mean).pow(2).reshape(-1, *self.val.y.shape).mean(0)
+        self._level(squared)
+        for _ in range(self.fit_steps):
+            loss = self._residual_nll(squared)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        nll = self._level(squared)
+        self.refreshes += 1
+        self.last = reward_diagnostics(self.reward, self.val.x) | {
+            "reward/residual_nll": nll.item()
+        }
+
+    def __call__(self, step: int, predictor: nn.Module) -> dict[str, float]:
+        if step % self.every:
+            return {}
+        self._refresh(predictor)
+        return self.last
+
+    def state_dict(self) -> dict:
+        return {
+            "reward": self.reward.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "refreshes": self.refreshes,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reward.load_state_dict(state["reward"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.refreshes = state["refreshes"]
 
 
 class ImplicitRefresh:
