@@ -140,10 +140,10 @@ def test_heteroscedastic_plugin_makes_pg_learn_the_input_dependent_noise():
     assert {"reward/u_eig_min", "reward/u_eig_max", "reward/residual_nll"} <= set(metrics)
     std = ensemble.mixture(GRID).variance.sqrt()
     torch.testing.assert_close(std, hetero_std(GRID), rtol=0.25, atol=0)
-    # the reward itself: U(x) = (λ/2)/σ²(x) in normalised target units
+    # the reward itself: U(x) = (λ/2)/σ̂²(x) in normalised target units, σ̂ ≈ σ
     U = learner.update.reward.matrix_at(GRID).diagonal(dim1=-2, dim2=-1)
-    normalised = hetero_std(GRID) / ensemble.target_std
-    torch.testing.assert_close(U, 0.5 / normalised**2, rtol=0.3, atol=0)
+    reward_std = (0.5 / U).sqrt() * ensemble.target_std
+    torch.testing.assert_close(reward_std, hetero_std(GRID), rtol=0.25, atol=0)
     _, _, _, nll_of_nll = fit_hetero("nll")
     _, _, _, nll_of_plugin = fit_hetero("pg-plugin")
     assert nll < nll_of_nll + 0.05
