@@ -166,9 +166,9 @@ class InputPluginRefresh:
         that NLL, mean over rows and dims of log σ̂² + r²/σ̂² with σ̂² = (λ/2)/U."""
         with torch.no_grad():
             log_u = self.reward.log_diagonal_at(self.val.x)
-            shift = (0.5 * self.lam / (squared * log_u.exp()).mean(0)).log()
-            self.reward.net[-1].bias.add_(shift)
-        return self._residual_nll(squared)
+            scale = (squared * log_u.exp()).mean(0).clamp_min(1e-12)
+            self.reward.net[-1].bias.add_((0.5 * self.lam / scale).log())
+            return self._residual_nll(squared)
 
     def _residual_nll(self, squared: torch.Tensor) -> torch.Tensor:
         log_u = self.reward.log_diagonal_at(self.val.x)
