@@ -40,4 +40,5 @@ def test_pets_balances_the_pendulum_within_five_episodes(loss, seed):
     )
     stop = StopWhenSolvedOrOutOfEpisodes(agent.config.random_steps)
     agent.learn(10**6, callback=stop)
+    print(f"{loss} seed {seed}: planned episode returns {stop.planned_returns}")  # shown by -rA
     assert max(stop.planned_returns) >= SOLVED, stop.planned_returns
