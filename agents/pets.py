@@ -94,8 +94,8 @@ PRESETS = {
 
 class PETS(ModelBasedAgent):
     """A PETS agent on a continuous-action Gymnasium env. With known task functions (envs.tasks)
-    it plans with the task's planning reward and termination; otherwise the ensemble also predicts the reward
-    (targets [Δs, r]) and plans with its mean, without termination."""
+    it plans with the task's planning reward and termination; otherwise the ensemble also
+    predicts the reward (targets [Δs, r]) and plans with its mean, without termination."""
 
     config_type = PETSConfig
     presets = PRESETS
