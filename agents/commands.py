@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,9 @@ class TrainConfig:
     SAC, the baseline)."""
     seed: int = 0
     """Seed of the agent and the env."""
+    plan_dtype: str = "float32"
+    """PETS only: dtype of the model evaluations while planning, float32 or bfloat16 (faster only
+    on CPUs with bf16 matmul units or a GPU; 18x slower on this AVX2 machine, docs/pets.md)."""
     eval_every: int = 500
     """Evaluate every this many env steps."""
     eval_episodes: int = 3
@@ -124,7 +127,7 @@ def run_train(config: TrainConfig) -> None:
         agent = agent_type(
             env,
             dynamics_loss=config.dynamics_loss,
-            config=config.preset,
+            config=agent_config(config),
             tensorboard_log=str(run_dir),
             seed=config.seed,
         )
@@ -144,16 +147,30 @@ def run_train(config: TrainConfig) -> None:
     )
     seconds_per_step = (time.perf_counter() - start) / max(agent.num_timesteps - steps_before, 1)
     agent.save(checkpoint)
-    _write_outputs(run_dir, agent, evaluation, seconds_per_step)
+    _write_outputs(run_dir, agent, evaluation, seconds_per_step, config.seed)
 
 
-def _write_outputs(run_dir: Path, agent, evaluation: EvalCallback, seconds_per_step: float):
+def agent_config(config: TrainConfig):
+    """The preset's agent config, with --plan-dtype applied (PETS only)."""
+    preset = AGENTS[config.agent].presets[config.preset]
+    if config.agent == "pets":
+        return replace(preset, plan_dtype=config.plan_dtype)
+    if config.plan_dtype != "float32":
+        raise ConfigError(f"--plan-dtype applies to PETS only, not {config.agent}")
+    return preset
+
+
+def _write_outputs(
+    run_dir: Path, agent, evaluation: EvalCallback, seconds_per_step: float, seed: int
+):
     rows, steps = [], 0
     for episode, (ret, length) in enumerate(
         zip(agent.episode_returns, agent.episode_lengths, strict=True)
     ):
         steps += length
-        rows.append({"episode": episode, "step": steps, "return": ret, "run": "train", "seed": 0})
+        rows.append(
+            {"episode": episode, "step": steps, "return": ret, "run": "train", "seed": seed}
+        )
     write_csv(run_dir / "metrics.csv", rows)
     if rows:
         figure = plot_curves(rows, "step", ["return"], "run", titles=["episode return"])
@@ -190,6 +207,7 @@ def _check(config: TrainConfig) -> None:
             raise ConfigError(
                 f"--{field.replace('_', '-')} must be > 0, got {getattr(config, field)}"
             )
+    agent_config(config)  # an unknown --plan-dtype, or one given to MBPO
     os.environ.setdefault("MUJOCO_GL", "egl")
 
 

@@ -9,6 +9,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from agents.pets import PETS, PRESETS
 from envs.make import make_env
 from envs.point_mass import POINT_MASS_ID
+from mbrl_bilevel.report.runs import read_csv
 from mbrl_bilevel.validation import ConfigError
 
 TINY = PRESETS["tiny"]
@@ -181,12 +182,15 @@ def test_train_and_eval_commands_write_their_files(tmp_path, capsys):
             str(tmp_path),
             "--name",
             "run",
+            "--seed",
+            "3",
             "--no-progress",
         ]
     )
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["env_steps"] == 100 and summary["episodes"] == 2
+    assert {row["seed"] for row in read_csv(run / "metrics.csv")} == {3.0}
     assert (run / "checkpoints" / "agent.pt").is_file() and (
         run / "plots" / "returns.png"
     ).is_file()
@@ -197,3 +201,19 @@ def test_train_and_eval_commands_write_their_files(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", str(tmp_path / "missing")])
     assert exit_info.value.code == 2
+
+
+def test_plan_dtype_option_reaches_pets_and_is_refused_elsewhere(tmp_path, capsys):
+    from agents.commands import TrainConfig, agent_config
+    from mbrl_bilevel.cli import main
+
+    assert agent_config(TrainConfig(preset="cpu", plan_dtype="bfloat16")).plan_dtype == "bfloat16"
+    for args, message in (
+        (["--plan-dtype", "float16"], "plan_dtype"),
+        (["--agent", "mbpo", "--preset", "mbpo", "--plan-dtype", "bfloat16"], "PETS only"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", "--out-dir", str(tmp_path), "--no-progress", *args])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -105,3 +105,15 @@ def test_bilevel_finds_the_scale_with_the_best_held_out_likelihood():
     assert start > 1.5 * float(c_star)  # the test is not won at the start
     assert beta == pytest.approx(float(c_star) * options.lam / 2, rel=0.15)
     assert history[-1]["step"] == 1200
+
+
+def test_solver_warnings_are_silenced_only_inside_the_study():
+    import logging
+
+    from mbrl_bilevel.tabular.study import solver_warnings_silenced
+
+    logger = logging.getLogger("mbrl_bilevel.solvers")
+    before = logger.level
+    with solver_warnings_silenced():
+        assert logger.getEffectiveLevel() == logging.ERROR
+    assert logger.level == before

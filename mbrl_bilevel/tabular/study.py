@@ -3,6 +3,7 @@ metrics as mean ± std over seeds, learning curves, and the run folder."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -153,14 +154,25 @@ class TabularConfig:
         return [load(name, impute=self.impute) for name in names]
 
 
+@contextlib.contextmanager
+def solver_warnings_silenced():
+    """CG residuals and plug-in shrinkage go to curves.csv (solver/residual), not stderr: raise
+    the solvers' log level to ERROR inside the block and restore it after."""
+    logger = logging.getLogger("mbrl_bilevel.solvers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def run_one(index: int, config: TabularConfig, datasets: list[TabularData], tb_dir: str | None):
     """Every method on dataset index // seeds with seed index % seeds, from one initialisation.
 
     Returns (final rows {dataset, method, seed, test metrics, beta, seconds}, curve rows).
     """
     torch.set_num_threads(config.threads)
-    # CG residuals and plug-in shrinkage go to curves.csv (solver/residual) instead of stderr
-    logging.getLogger("mbrl_bilevel.solvers").setLevel(logging.ERROR)
     data, seed = datasets[index // config.seeds], index % config.seeds
     splits = split(data, seed, config.val_fraction, config.test_fraction)
     torch.manual_seed(seed)
@@ -171,7 +183,8 @@ def run_one(index: int, config: TabularConfig, datasets: list[TabularData], tb_d
         predictor = copy.deepcopy(initial)
         writer = SummaryWriter(f"{tb_dir}/{data.name}/{method}-seed{seed}") if tb_dir else None
         start = time.perf_counter()
-        history, beta = train_method(method, predictor, splits, config.options(), seed, writer)
+        with solver_warnings_silenced():
+            history, beta = train_method(method, predictor, splits, config.options(), seed, writer)
         seconds = time.perf_counter() - start
         metrics = evaluate_classifier(predictor, splits.test)
         if writer is not None:
