@@ -3,6 +3,7 @@ Gaussian runs alike (tiny real runs of each command)."""
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -120,6 +121,20 @@ def test_hparams_hold_group_values_and_metrics(runs, tmp_path):
     assert nll == pytest.approx(
         [r for r in curve if r["method"] == "nll" and r["seed"] == 0][-1]["nll"]
     )
+
+
+def test_a_run_saved_before_a_field_existed_groups_with_its_default(runs, tmp_path):
+    old = tmp_path / "old-runs" / "pm-s1"
+    shutil.copytree(runs / "pm-s1", old)
+    config = json.loads((old / "config.json").read_text())
+    assert config.pop("plan_dtype") == "float32"  # the default, added after the run was made
+    (old / "config.json").write_text(json.dumps(config))
+    out, text = write_report(
+        ReportConfig(runs=(str(runs / "pm-s0"), str(old)), out=str(tmp_path / "report"))
+    )
+    numbers = json.loads((out / "numbers.json").read_text())
+    assert list(numbers["train"]) == ["train"] and "plan_dtype" not in text
+    assert numbers["train"]["train"]["final_eval_return"]["n"] == 2
 
 
 @pytest.mark.parametrize(

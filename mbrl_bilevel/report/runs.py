@@ -4,6 +4,7 @@ final rows (one per inner group and seed) and learning-curve rows (one per group
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -149,8 +150,21 @@ def load_run(folder: Path) -> RunData:
         raise ConfigError(
             f"{folder} is a {command or 'unknown'} run; report reads {', '.join(KINDS)} runs"
         )
+    config = {**current_defaults(command), **config}
     finals, curves = KINDS[command].read(folder, config, summary)
     return RunData(folder, command, config, finals, curves)
+
+
+def current_defaults(command: str) -> dict[str, Any]:
+    """The plain default values of `command`'s config fields, to fill in fields that a run
+    saved by an older version lacks (so it groups with new runs of the same settings)."""
+    from mbrl_bilevel.cli import COMMANDS  # the CLI imports this module
+
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(COMMANDS[command][0])
+        if f.default is not dataclasses.MISSING
+    }
 
 
 def find_runs(paths: list[str]) -> list[Path]:
