@@ -139,6 +139,7 @@ def run_train(config: TrainConfig) -> None:
         verbose=0,
     )
     evaluation.n_calls = agent.num_timesteps  # a resumed run evaluates at the same steps
+    restore_evaluations(evaluation, run_dir / "eval" / "evaluations.npz", agent.num_timesteps)
     start, steps_before = time.perf_counter(), agent.num_timesteps
     agent.learn(
         config.steps,
@@ -148,6 +149,18 @@ def run_train(config: TrainConfig) -> None:
     seconds_per_step = (time.perf_counter() - start) / max(agent.num_timesteps - steps_before, 1)
     agent.save(checkpoint)
     _write_outputs(run_dir, agent, evaluation, seconds_per_step, config.seed)
+
+
+def restore_evaluations(evaluation: EvalCallback, path: Path, up_to_step: int) -> None:
+    """Give a resumed run's `evaluation` the evaluations saved at steps <= `up_to_step` (the
+    checkpoint's), so its evaluations.npz keeps them; later ones are made again."""
+    if not path.is_file():
+        return
+    saved = np.load(path)
+    kept = saved["timesteps"] <= up_to_step
+    evaluation.evaluations_timesteps = saved["timesteps"][kept].tolist()
+    evaluation.evaluations_results = saved["results"][kept].tolist()
+    evaluation.evaluations_length = saved["ep_lengths"][kept].tolist()
 
 
 def agent_config(config: TrainConfig):

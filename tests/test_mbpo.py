@@ -216,6 +216,8 @@ def test_train_resume_and_eval_commands(tmp_path):
             e.step for e in EventAccumulator(str(events)).Reload().Scalars("eval/mean_reward")
         }
     assert evals == {100, 200}  # a resumed run evaluates at the steps of an uninterrupted one
+    kept = np.load(run / "eval" / "evaluations.npz")  # and keeps the evaluations made before
+    assert kept["timesteps"].tolist() == [100, 200] and kept["results"].shape == (2, 1)
     with pytest.raises(SystemExit) as exit_info:
         main(["train", *options, "--name", "bad", "--preset", "pets"])
     assert exit_info.value.code == 2
