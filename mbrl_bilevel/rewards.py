@@ -78,6 +78,11 @@ class DiagonalMahalanobis(MahalanobisReward):
         return torch.diag(self.log_diag.exp())
 
     @torch.no_grad()
+    def rescale(self, log_factor: torch.Tensor) -> None:
+        """U <- S U S with S = diag(exp(log_factor / 2)), log_factor [D]."""
+        self.log_diag.add_(log_factor.to(self.log_diag))
+
+    @torch.no_grad()
     def set_constant(self, matrix: torch.Tensor) -> None:
         """Move φ so that U = diag(matrix) ([D, D], SPD)."""
         check_spd(matrix, "reward matrix U")
@@ -148,6 +153,18 @@ class InputDependentMahalanobis(MahalanobisReward):
         rows, cols = torch.tril_indices(self.dim, self.dim)
         self.net[-1].weight.zero_()
         self.net[-1].bias.copy_(torch.where(rows == cols, chol[rows, cols].log(), chol[rows, cols]))
+
+    @torch.no_grad()
+    def rescale(self, log_factor: torch.Tensor) -> None:
+        """U(x) <- S U(x) S at every x, S = diag(exp(log_factor / 2)), log_factor [D]: row i of
+        L(x) scaled by S_ii (the diagonal through a shift of its raw log, which the soft bounds
+        bend slightly: within 1% for log-diagonals well inside them)."""
+        rows, cols = torch.tril_indices(self.dim, self.dim)
+        layer, half = self.net[-1], 0.5 * log_factor.to(self.net[-1].bias)
+        off = rows != cols
+        layer.weight[off] *= half[rows[off]].exp()[:, None]
+        layer.bias[off] *= half[rows[off]].exp()
+        layer.bias[~off] += half[rows[~off]]
 
     def fit_normaliser(self, x: torch.Tensor) -> None:
         """Set the input statistics from x [N, in] (constant columns get std 1)."""

@@ -11,15 +11,15 @@ from mbrl_bilevel.training import FitConfig
 from mbrl_bilevel.validation import ConfigError
 
 NOISE = torch.tensor([0.3, 0.05])  # raw noise std per output dimension
+W_TRUE = torch.tensor([[1.0, 0.5], [-0.5, 1.0], [0.2, 0.0]])
 
 
 def linear_data(n, seed, heteroscedastic=False):
     """y = xW + ε, ε ~ N(0, diag NOISE²) (times 1 + 2|x_0| when heteroscedastic)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, generator=g)
-    W = torch.tensor([[1.0, 0.5], [-0.5, 1.0], [0.2, 0.0]])
     scale = (1 + 2 * x[:, :1].abs()) if heteroscedastic else 1.0
-    return Dataset(x, x @ W + NOISE * scale * torch.randn(n, 2, generator=g))
+    return Dataset(x, x @ W_TRUE + NOISE * scale * torch.randn(n, 2, generator=g))
 
 
 def fit(strategy, steps=800, heteroscedastic=False, plugin_start=True, **options):
@@ -70,6 +70,26 @@ def test_bilevel_input_learns_an_input_dependent_reward():
     assert learner.update.outer_step == 20
     rmse = (ensemble.mixture(val.x).mean - val.y).pow(2).mean(0).sqrt()
     assert (rmse < 3 * NOISE * 2.5).all()  # noise std grows to about 2.5× NOISE on average
+
+
+def test_bilevel_reward_follows_the_plugin_from_fit_to_fit():
+    """An agent retrains on new data: here the noise shrinks fourfold between two fits. The
+    second fit re-anchors U on the plug-in's change, so U ends near (λ/2)/σ² of the new noise;
+    20 outer Adam steps alone (lr 0.05) could move it by a factor e at most, not 16."""
+    torch.manual_seed(0)
+    ensemble = GaussianEnsemble(3, 2, members=3, elites=2, hidden=(32, 32))
+    config = FitConfig(steps=400, lr=5e-3, batch_size=256, eval_every=100)
+    options = PGOptions(refresh_every=20, hyper_batch=512)
+    learner = make_dynamics_learner("bilevel", config, 3, 2, options=options, progress=False)
+    learner.fit(ensemble, linear_data(3000, 1), linear_data(1000, 2))
+    quiet = [
+        Dataset(d.x, d.x @ W_TRUE + (d.y - d.x @ W_TRUE) / 4)
+        for d in (linear_data(3000, 3), linear_data(1000, 4))
+    ]
+    learner.fit(ensemble, *quiet)
+    U = reward_of(learner).matrix().diagonal()
+    normalised_noise = NOISE / 4 / ensemble.target_std
+    torch.testing.assert_close(U, 0.5 / normalised_noise**2, rtol=0.5, atol=0)
 
 
 def test_learner_state_round_trips_the_learned_reward():

@@ -5,6 +5,7 @@ from mbrl_bilevel.rewards import (
     CholeskyMahalanobis,
     DiagonalMahalanobis,
     FixedMahalanobis,
+    InputDependentMahalanobis,
     OneHotReward,
     ScalarMahalanobis,
     make_mahalanobis,
@@ -43,6 +44,21 @@ def test_learnable_rewards_stay_spd_and_have_gradients(reward_matrix3):
         assert torch.linalg.eigvalsh(reward.matrix()).min() > 0
         reward(torch.randn(2, 3).double(), torch.randn(2, 3).double()).sum().backward()
         assert all(p.grad is not None for p in reward.parameters())
+
+
+def test_rescale_multiplies_u_by_a_diagonal_on_both_sides(reward_matrix3):
+    """rescale(f): U <- S U S with S = diag(exp(f / 2)), for constant and input-dependent U."""
+    log_factor = torch.tensor([1.5, -0.7, 0.2], dtype=torch.float64)
+    S = torch.diag((0.5 * log_factor).exp())
+    x = torch.randn(6, 4, dtype=torch.float64)
+    diagonal = DiagonalMahalanobis(torch.tensor([0.5, 2.0, 3.0])).double()
+    dependent = InputDependentMahalanobis(4, reward_matrix3.float()).double()
+    with torch.no_grad():  # make U(x) depend on x
+        dependent.net[-1].weight.normal_(0, 0.3)
+    for reward, rtol in ((diagonal, 1e-7), (dependent, 1e-2)):  # soft-bounded log-diagonal
+        before = reward.matrix_at(x)
+        reward.rescale(log_factor)
+        torch.testing.assert_close(reward.matrix_at(x), S @ before @ S, rtol=rtol, atol=1e-12)
 
 
 def test_one_hot_reward():

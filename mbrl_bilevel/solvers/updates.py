@@ -221,10 +221,15 @@ class ImplicitRefresh:
     (`predictor.output_layer_names()`), the features held fixed: -J is then nearly convex in θ
     and CG usually converges (every solve on the linear test problem; about four in five on
     Hopper data), where over every parameter of a deep ensemble the Hessian is indefinite and
-    most solves fail. With `plugin_start`, the first outer step sets U (constant in x) to the
-    diagonal plug-in (λ/2)diag(Σ̂)⁻¹ of the held-out residuals, the closed-form optimum for a
-    homoscedastic model, from which the hypergradient refines (a log-U that starts far away
-    needs many outer steps of a bounded-step optimiser like Adam)."""
+    most solves fail.
+
+    With `plugin_start`, the reward follows the diagonal plug-in P = (λ/2)diag(Σ̂)⁻¹ of the
+    held-out residuals (the closed-form optimum for a homoscedastic model) and the hypergradient
+    learns a correction relative to it: the first outer step ever sets U (constant in x) to P,
+    every later one first moves U by P's change since the previous step (U <- S U S,
+    S² = P_new / P_old, `reward.rescale`). Without this, an agent's reward stays near the
+    plug-in of its first, tiny dataset: Adam moves log U by about `outer_lr` per outer step, far
+    too slowly to follow residuals that shrink by orders of magnitude as data arrives."""
 
     def __init__(
         self,
@@ -253,6 +258,8 @@ class ImplicitRefresh:
         self.warm: torch.Tensor | None = None
         self.last: dict[str, float] = {}
         self.outer_step = 0
+        self.anchor: torch.Tensor | None = None
+        """log diag of the plug-in U at the previous outer step [D]."""
         self.train: Dataset | None = None
         self.val: Dataset | None = None
 
@@ -261,6 +268,17 @@ class ImplicitRefresh:
         if isinstance(self.reward, InputDependentMahalanobis) and self.outer_step == 0:
             self.reward.fit_normaliser(train.x)
 
+    def _anchor(self, predictor: nn.Module) -> None:
+        """Set U to the diagonal plug-in of the held-out residuals (first time), or move it by
+        the plug-in's change since the previous outer step."""
+        sigma = residual_covariance(predictor, self.val)
+        log_plugin = plugin_matrix("diag", sigma, self.objective.lam).diagonal().log()
+        if self.anchor is None:
+            self.reward.set_constant(torch.diag(log_plugin.exp()))
+        else:
+            self.reward.rescale(log_plugin - self.anchor)
+        self.anchor = log_plugin
+
     def _rows(self, data: Dataset) -> Dataset:
         index = torch.randperm(len(data), generator=self.generator)[: self.batch_size]
         return data.subset(index)
@@ -268,9 +286,8 @@ class ImplicitRefresh:
     def __call__(self, step: int, predictor: nn.Module) -> dict[str, float]:
         if step % self.every:
             return {}
-        if self.outer_step == 0 and self.plugin_start:
-            sigma = residual_covariance(predictor, self.val)
-            self.reward.set_constant(plugin_matrix("diag", sigma, self.objective.lam))
+        if self.plugin_start:
+            self._anchor(predictor)
         self.outer_step += 1
         train, val = self._rows(self.train), self._rows(self.val)
         names = predictor.output_layer_names() if self.output_layer_only else None
@@ -287,6 +304,7 @@ class ImplicitRefresh:
             "optimizer": self.optimizer.state_dict(),
             "warm": self.warm,
             "outer_step": self.outer_step,
+            "anchor": self.anchor,
             "generator": self.generator.get_state(),
         }
 
@@ -294,4 +312,5 @@ class ImplicitRefresh:
         self.reward.load_state_dict(state["reward"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.warm, self.outer_step = state["warm"], state["outer_step"]
+        self.anchor = state["anchor"]
         self.generator.set_state(state["generator"])
