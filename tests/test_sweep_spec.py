@@ -1,6 +1,8 @@
 """Sweep specs: grids become deterministic runs; bad specs are refused before any run starts,
 with one line naming the problem."""
 
+from pathlib import Path
+
 import pytest
 
 from agents.commands import TrainConfig
@@ -42,6 +44,37 @@ def test_grid_is_the_product_with_deterministic_names():
     assert parse_spec(tomllib.loads(GOOD), COMMANDS, "pm") == sweep
 
 
+def test_variants_run_once_per_grid_point_without_product_duplicates():
+    import tomllib
+
+    text = """
+command = "train"
+[options]
+agent = "mbpo"
+[grid]
+seed = [0, 1]
+[[variants]]
+preset = "cpu"
+dynamics_loss = "nll"
+[[variants]]
+preset = "cpu"
+dynamics_loss = "bilevel"
+[[variants]]
+preset = "sac"
+"""
+    sweep = parse_spec(tomllib.loads(text), COMMANDS, "mbpo")
+    assert [run.name for run in sweep.runs] == [
+        "seed=0,preset=cpu,dynamics_loss=nll",
+        "seed=0,preset=cpu,dynamics_loss=bilevel",
+        "seed=0,preset=sac",
+        "seed=1,preset=cpu,dynamics_loss=nll",
+        "seed=1,preset=cpu,dynamics_loss=bilevel",
+        "seed=1,preset=sac",
+    ]
+    assert sweep.runs[2].options == {"agent": "mbpo", "seed": 0, "preset": "sac"}
+    assert sweep.grid_fields == ["seed", "preset", "dynamics_loss"]
+
+
 def test_clashing_names_get_a_hash():
     names = run_names([{"env": "a/X-v0"}, {"env": "b/X-v0"}, {"env": "Y-v0"}])
     assert names[0] != names[1] and names[0].startswith("env=X-v0-") and names[2] == "env=Y-v0"
@@ -69,6 +102,13 @@ def test_argv_round_trips_through_tyro():
         ('command = "train"\ngrid = 1', "[grid] must be a table"),
         ('command = "train"\nseeds = [0]', "unknown top-level keys ['seeds']"),
         ('command = "train"\n[options]\nseed = 1\n[grid]\nseed = [0]', "both in [options]"),
+        ('command = "train"\n[grid]\nseed = [0]\n[[variants]]\nseed = 1', "both in [grid]"),
+        (
+            'command = "train"\n[grid]\nseed = [0]\n[[variants]]\nsteeps = 1',
+            "'steeps' in [variants]",
+        ),
+        ('command = "train"\nvariants = 3\n[grid]\nseed = [0]', "variants must be a list"),
+        ('command = "train"\n[[variants]]\nseed = 1', "empty grid"),
     ],
 )
 def test_bad_spec_is_refused_naming_the_problem(text, message):
@@ -106,3 +146,12 @@ def test_missing_spec_file_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["sweep", str(tmp_path / "none.toml")])
     assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "spec", sorted((Path(__file__).parents[1] / "experiments").glob("*.toml")), ids=lambda p: p.stem
+)
+def test_shipped_experiment_specs_pass_every_check(spec, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    main(["sweep", str(spec), "--dry-run"])
+    assert "to start" in capsys.readouterr().out

@@ -8,6 +8,10 @@
     [grid]                       # one run per point of the product of these lists
     env = ["mbrl_bilevel/PointMass-v0", "InvertedPendulum-v5"]
     seed = [0, 1]
+    [[variants]]                 # optional: each grid point runs once per variant
+    preset = "cpu"
+    [[variants]]
+    preset = "sac"
 
 Option names are the command's dataclass fields (`dynamics_loss` or `dynamics-loss`; nested
 fields as `solvers.steps`). The sweep sets `name` and `out_dir` of every run itself.
@@ -35,7 +39,7 @@ from mbrl_bilevel.validation import ConfigError
 
 SET_BY_SWEEP = ("name", "out_dir", "resume")
 """Fields each run gets from the sweep, not from the spec."""
-TOP_LEVEL = {"command", "name", "out_dir", "options", "grid"}
+TOP_LEVEL = {"command", "name", "out_dir", "options", "grid", "variants"}
 
 
 @dataclass(frozen=True)
@@ -85,22 +89,49 @@ def parse_spec(spec: dict[str, Any], commands: dict[str, type], default_name: st
     config_type = commands[command]
     options = _normalise(_table(spec, "options"), config_type, "options")
     grid = _normalise(_table(spec, "grid"), config_type, "grid")
-    if not grid:
-        raise ConfigError("the sweep spec has an empty grid: give [grid] at least one field")
+    variants = _variants(spec, config_type)
+    if not grid and len(variants) < 2:
+        raise ConfigError(
+            "the sweep spec has an empty grid: give [grid] at least one field "
+            "(or at least two [[variants]])"
+        )
     for field, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"grid.{field} must be a non-empty list of values, got {values!r}")
-    both = set(options) & set(grid)
-    if both:
-        raise ConfigError(f"{sorted(both)} are both in [options] and in [grid]")
+    variant_fields = list(dict.fromkeys(f for variant in variants for f in variant))
+    for first, second, where in [
+        (options, grid, "[options] and in [grid]"),
+        (options, variant_fields, "[options] and in [[variants]]"),
+        (grid, variant_fields, "[grid] and in [[variants]]"),
+    ]:
+        both = set(first) & set(second)
+        if both:
+            raise ConfigError(f"{sorted(both)} are both in {where}")
     name = str(spec.get("name", default_name))
     if not re.fullmatch(r"[\w.=,+-]+", name):
         raise ConfigError(f"sweep name {name!r} must be one folder name (letters, digits, -_.=,+)")
-    points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    points = [
+        {**dict(zip(grid, values, strict=True)), **variant}
+        for values in itertools.product(*grid.values())
+        for variant in variants
+    ]
     names = run_names(points)
     runs = [Run(n, {**options, **point}) for n, point in zip(names, points, strict=True)]
     folder = Path(spec.get("out_dir", "runs")) / name
-    return Sweep(command, name, folder, runs, list(grid))
+    return Sweep(command, name, folder, runs, [*grid, *variant_fields])
+
+
+def _variants(spec: dict[str, Any], config_type: type) -> list[dict[str, Any]]:
+    """The [[variants]] tables, checked; [{}] (one variant, no options) when there are none."""
+    variants = spec.get("variants", [{}])
+    if not isinstance(variants, list) or not variants:
+        raise ConfigError(
+            f"variants must be a list of tables ([[variants]] blocks), got {variants!r}"
+        )
+    for variant in variants:
+        if not isinstance(variant, dict):
+            raise ConfigError(f"each [[variants]] entry must be a table, got {variant!r}")
+    return [_normalise(variant, config_type, "variants") for variant in variants]
 
 
 def _table(spec: dict[str, Any], key: str) -> dict[str, Any]:
