@@ -2,7 +2,6 @@
 Gaussian runs alike (tiny real runs of each command)."""
 
 import json
-import logging
 import shutil
 
 import numpy as np
@@ -49,14 +48,11 @@ def runs(tmp_path_factory):
                 lam=lam, steps=20, eval_every=10, seeds=2, jobs=1, name=f"g{lam}", out_dir=str(out)
             )
         )
-    solvers_log = logging.getLogger("mbrl_bilevel.solvers")
-    level = solvers_log.level  # the tabular study silences solver warnings in its process
     run_tabular(
         TabularConfig(
             dataset="iris", methods="nll,pg", steps=10, seeds=2, jobs=1, name="t", out_dir=str(out)
         )
     )
-    solvers_log.setLevel(level)
     transitions = collect(make_env(POINT_MASS_ID, seed=0), 100, seed=0)
     dynamics = DynamicsConfig(
         strategies="nll,mse",
