@@ -117,8 +117,13 @@ def run_train(config: TrainConfig) -> None:
             "",
         )
     )
-    write_json(run_dir / "config.json", asdict(config) | {"resume": None})
     checkpoint = run_dir / CHECKPOINT
+    if not config.resume and checkpoint.is_file():
+        raise ConfigError(
+            f"{run_dir} holds an interrupted run: continue it with --resume {run_dir}, "
+            "or pass another --name"
+        )
+    write_json(run_dir / "config.json", asdict(config) | {"resume": None})
     agent_type = AGENTS[config.agent]
     if config.resume and checkpoint.is_file():
         agent = agent_type.load(checkpoint, env, tensorboard_log=str(run_dir))

@@ -13,11 +13,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mbrl_bilevel.validation import ConfigError
+
+FINISHED = "summary.json"
+"""Every command writes this file last: a run folder holding it is a finished run."""
+
 
 def create_run_dir(out_dir: str | Path, name: str | None, prefix: str) -> Path:
-    """Make and return runs/<name>; the default name is <prefix>-<date>-<time>."""
+    """Make and return runs/<name>; the default name is <prefix>-<date>-<time>. A folder
+    holding a finished run is refused (ConfigError), so no result is overwritten."""
     name = name or f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = Path(out_dir) / name
+    if (path / FINISHED).is_file():
+        raise ConfigError(f"{path} holds a finished run: pass another --name or remove that folder")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

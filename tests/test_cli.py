@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from mbrl_bilevel.cli import main
+from mbrl_bilevel.validation import ConfigError
 
 
 def run_cli(*args):
@@ -85,3 +86,13 @@ def test_installed_process_exits_2_without_traceback(tmp_path):
     assert "λ" in result.stderr and "Traceback" not in result.stderr
     help_result = run_cli("--help")
     assert help_result.returncode == 0 and "gaussian" in help_result.stdout
+
+
+def test_a_finished_run_folder_is_never_reused(tmp_path):
+    from mbrl_bilevel.runs import create_run_dir
+
+    run = create_run_dir(tmp_path, "run", "gaussian")
+    assert create_run_dir(tmp_path, "run", "gaussian") == run  # unfinished: restarted in place
+    (run / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds a finished run"):
+        create_run_dir(tmp_path, "run", "gaussian")

@@ -163,30 +163,29 @@ def test_train_and_eval_commands_write_their_files(tmp_path, capsys):
 
     from mbrl_bilevel.cli import main
 
-    main(
-        [
-            "train",
-            "--env",
-            POINT_MASS_ID,
-            "--dynamics-loss",
-            "nll",
-            "--preset",
-            "tiny",
-            "--steps",
-            "100",
-            "--eval-every",
-            "60",
-            "--eval-episodes",
-            "1",
-            "--out-dir",
-            str(tmp_path),
-            "--name",
-            "run",
-            "--seed",
-            "3",
-            "--no-progress",
-        ]
-    )
+    train_args = [
+        "train",
+        "--env",
+        POINT_MASS_ID,
+        "--dynamics-loss",
+        "nll",
+        "--preset",
+        "tiny",
+        "--steps",
+        "100",
+        "--eval-every",
+        "60",
+        "--eval-episodes",
+        "1",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "run",
+        "--seed",
+        "3",
+        "--no-progress",
+    ]
+    main(train_args)
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["env_steps"] == 100 and summary["episodes"] == 2
@@ -201,6 +200,16 @@ def test_train_and_eval_commands_write_their_files(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", str(tmp_path / "missing")])
     assert exit_info.value.code == 2
+
+    finished = (run / "summary.json").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main(train_args)
+    assert exit_info.value.code == 2 and "holds a finished run" in capsys.readouterr().err
+    assert (run / "summary.json").read_bytes() == finished
+    (run / "summary.json").unlink()  # as if killed after its last checkpoint
+    with pytest.raises(SystemExit) as exit_info:
+        main(train_args)
+    assert exit_info.value.code == 2 and f"--resume {run}" in capsys.readouterr().err
 
 
 def test_plan_dtype_option_reaches_pets_and_is_refused_elsewhere(tmp_path, capsys):

@@ -9,13 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mbrl_bilevel.runs import FINISHED
 from mbrl_bilevel.sweep.arguments import parse, to_argv
 from mbrl_bilevel.sweep.backends import Task
 from mbrl_bilevel.sweep.spec import Sweep
 from mbrl_bilevel.validation import ConfigError
-
-DONE = "summary.json"
-"""A run folder with this file is finished: every command writes it last."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +47,7 @@ def plan_sweep(sweep: Sweep, config_type: type, check: Callable[[Any], None], mo
         saved = _saved_config(run_dir) if own_folder else None
         if saved is not None:
             _check_same(saved, config, run.options, run_dir)
-        if own_folder and (run_dir / DONE).is_file():
+        if own_folder and (run_dir / FINISHED).is_file():
             finished.append(run.name)
             continue
         if saved is not None and "resume" in fields:
