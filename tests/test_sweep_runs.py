@@ -4,8 +4,12 @@ fast; tests/test_sweep_acceptance.py runs the real `train`."""
 
 import importlib
 import json
+import signal
+import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +18,7 @@ from mbrl_bilevel.validation import ConfigError
 
 FAKE = '''
 """A stand-in command: writes config.json, then fails, stops or finishes (summary.json)."""
-import json, os, sys
+import json, os, sys, time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 import tyro
@@ -40,6 +44,9 @@ def main():
     if (run.parent / f"fail-{config.name}").exists():
         print("mbrl-bilevel: error: boom", file=sys.stderr)
         sys.exit(2)
+    if (run.parent / f"hang-{config.name}").exists():
+        (run / "pid").write_text(str(os.getpid()))
+        time.sleep(300)
     if (run.parent / f"stop-{config.name}").exists():
         sys.exit(0)  # as if killed after its first checkpoint: no summary.json
     (run / "summary.json").write_text(json.dumps({"x": config.x}))
@@ -128,3 +135,43 @@ def test_changed_options_of_an_existing_run_are_refused(tmp_path, fake):
     config.write_text(config.read_text().replace('"seed": 0', '"seed": 5'))
     with pytest.raises(ConfigError, match="seed = 5 but the spec now says 0"):
         sweep(tmp_path, fake, "[options]\nseed = 0")
+
+
+def test_terminated_sweep_stops_its_runs(tmp_path, fake):
+    """SIGTERM to the sweep alone (not its process group) ends the runs it started."""
+    folder = tmp_path / "runs" / "s"
+    folder.mkdir(parents=True)
+    (folder / "hang-x=1").touch()
+    spec = tmp_path / "s.toml"
+    spec.write_text(f'command = "fake"\nout_dir = "{tmp_path / "runs"}"\n[grid]\nx = [1]\n')
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fake_cli; from mbrl_bilevel.sweep.command import SweepConfig, run_sweep; "
+            f"run_sweep(SweepConfig({str(spec)!r}), {{'fake': fake_cli.FakeConfig}}, "
+            "lambda c: None, 'fake_cli')",
+        ]
+    )
+    pid_file = folder / "x=1" / "pid"
+    deadline = time.monotonic() + 60
+    while not pid_file.is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    run_pid = int(pid_file.read_text())
+    driver.send_signal(signal.SIGTERM)
+    assert driver.wait(timeout=30) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 10
+    while is_running(run_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not is_running(run_pid)
+    status = json.loads((folder / "status.json").read_text())
+    assert status["runs"]["x=1"]["state"] == "interrupted"
+
+
+def is_running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (Linux /proc)."""
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False

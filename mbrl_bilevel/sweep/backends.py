@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
@@ -79,6 +81,8 @@ def run_local(tasks: list[Task], jobs: int, on_done: Callable[[Outcome], None]) 
         with lock:
             for process in live:
                 process.terminate()
+            for process in live:
+                process.wait()
         raise
     pool.shutdown()
 
@@ -121,7 +125,26 @@ def run_tasks(
 ) -> None:
     """Run `tasks` on the `backend` ("local" or "ray"), calling `on_done` as each ends."""
     tasks = list(tasks)
-    if backend == "ray":
-        run_ray(tasks, jobs, address, on_done)
-    else:
-        run_local(tasks, jobs, on_done)
+    with sigterm_unwinds():
+        if backend == "ray":
+            run_ray(tasks, jobs, address, on_done)
+        else:
+            run_local(tasks, jobs, on_done)
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Inside, SIGTERM (kill, a job scheduler) raises SystemExit like Ctrl-C raises
+    KeyboardInterrupt, so the runs are stopped with the sweep instead of left running."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_now(signum, frame):
+        sys.exit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -93,7 +93,7 @@ def run_sweep(
 
     try:
         run_tasks(plan.tasks, config.backend, config.jobs, config.address, record)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C or SIGTERM
         for entry in status["runs"].values():
             if entry["state"] == "pending":
                 entry["state"] = "interrupted"
