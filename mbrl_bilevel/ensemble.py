@@ -60,6 +60,7 @@ class GaussianEnsemble(nn.Module):
             self.weights.append(nn.Parameter(weight))
             self.biases.append(nn.Parameter(torch.zeros(members, 1, fan_out)))
         self.min_log_var = nn.Parameter(torch.full((out_dim,), float(min_log_var)))
+        self.initial_min_log_var = float(min_log_var)
         self.max_log_var = nn.Parameter(torch.full((out_dim,), float(max_log_var)))
         self.register_buffer("input_mean", torch.zeros(in_dim))
         self.register_buffer("input_std", torch.ones(in_dim))
@@ -135,6 +136,11 @@ class NormalisedTargets(nn.Module):
     def forward(self, x: torch.Tensor) -> Independent:
         mean, log_var = self.ensemble.normalised_head(x)
         return _diag_normal(mean, (0.5 * log_var).exp())
+
+    def min_variance(self) -> float:
+        """The smallest variance the members are built to reach: exp of the initial lower
+        log-variance bound (the learned bound drifts with its penalty and the data)."""
+        return math.exp(self.ensemble.initial_min_log_var)
 
     def output_layer_names(self) -> list[str]:
         """Names (in this module) of the last layer's weight [E, h, 2D] and bias [E, 1, 2D]."""

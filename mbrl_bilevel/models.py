@@ -6,6 +6,7 @@ categorical predictors return a Categorical over C classes. Forward passes are p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -54,6 +55,10 @@ class GaussianMLP(nn.Module):
         self.out_dim = out_dim
         self.net = mlp(in_dim, 2 * out_dim, hidden)
         self.min_log_std, self.max_log_std = min_log_std, max_log_std
+
+    def min_variance(self) -> float:
+        """The smallest variance the model can reach: exp(2 · its lower log-std bound)."""
+        return math.exp(2 * self.min_log_std)
 
     def output_layer_names(self) -> list[str]:
         """Names of the last linear layer's weight [2D, h] and bias [2D]."""

@@ -1,12 +1,15 @@
 """Reward updates inside an ensemble fit (pg-plugin, bilevel, bilevel-input), checked against the
 closed forms of SPEC section 2: PG under U = (λ/2)diag(σ²)⁻¹ learns the variance σ²."""
 
+import math
+
 import pytest
 import torch
 
 from mbrl_bilevel.data import Dataset
-from mbrl_bilevel.ensemble import GaussianEnsemble
+from mbrl_bilevel.ensemble import GaussianEnsemble, NormalisedTargets
 from mbrl_bilevel.learners import PGOptions, make_dynamics_learner
+from mbrl_bilevel.solvers.plugin import floor_variances
 from mbrl_bilevel.training import FitConfig
 from mbrl_bilevel.validation import ConfigError
 
@@ -181,3 +184,39 @@ def test_heteroscedastic_plugin_with_the_score_estimator_and_its_state_round_tri
     )
     assert fresh.update.refreshes == learner.update.refreshes == 800 // 20 + 1
     assert fresh.update.optimizer.state_dict()["state"]  # Adam's moments survive
+
+
+def test_bilevel_reward_stays_within_the_models_reach_and_its_solves_succeed(caplog):
+    """A constant target (a goal position within an episode) is predicted almost exactly: its
+    residual variance goes to ~0 and the raw plug-in precision far beyond what the model's lower
+    log-variance bound lets PG reach. -J then has no stationary point and the IFT solves fail
+    (8 of 40 outer steps skipped here, U 4.8e4 for that dimension, before the plug-in's
+    variances were floored at e × the model's bound)."""
+    torch.manual_seed(0)
+
+    def with_constant_target(data):
+        return Dataset(data.x, torch.cat([data.y, torch.full((len(data), 1), 0.7)], 1))
+
+    train, val = (with_constant_target(linear_data(n, s)) for n, s in ((3000, 1), (1000, 2)))
+    ensemble = GaussianEnsemble(3, 3, members=3, elites=2, hidden=(32, 32))
+    config = FitConfig(steps=800, lr=5e-3, batch_size=256, eval_every=100)
+    options = PGOptions(refresh_every=20, hyper_batch=512, outer_lr=0.05)
+    learner = make_dynamics_learner("bilevel", config, 3, 3, options=options, progress=False)
+    with caplog.at_level("WARNING"):
+        learner.fit(ensemble, train, val)
+    skipped = [r for r in caplog.records if "skipped" in r.getMessage()]
+    assert learner.update.outer_step == 40 and len(skipped) <= 1  # the untrained first step
+    plugin_cap = 0.5 / (math.e * NormalisedTargets(ensemble).min_variance())
+    adam_reach = math.exp(0.05 * 40)  # Adam moves log U by about outer_lr per outer step
+    assert reward_of(learner).matrix()[2, 2] <= adam_reach * plugin_cap
+
+
+def test_floor_variances_raises_only_the_variances_below_the_models_reach():
+    ensemble = NormalisedTargets(GaussianEnsemble(3, 3, members=2, elites=1, hidden=(8,)))
+    floor = math.e * math.exp(-10.0)
+    sigma = torch.tensor([[0.5, 0.01, 0.0], [0.01, 1e-9, 0.0], [0.0, 0.0, 2 * floor]])
+    floored = floor_variances(sigma, ensemble)
+    torch.testing.assert_close(floored.diagonal(), torch.tensor([0.5, floor, 2 * floor]))
+    off_diagonal = ~torch.eye(3, dtype=torch.bool)
+    assert torch.equal(floored[off_diagonal], sigma[off_diagonal])
+    assert floor_variances(sigma, torch.nn.Linear(1, 1)) is sigma  # no bound: unchanged

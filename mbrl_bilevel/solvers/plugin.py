@@ -6,6 +6,7 @@ split, refreshed every K inner steps; plus the reference code's fixed choices fo
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
@@ -24,14 +25,14 @@ PLUGIN_KINDS = ("full", "diag", "scalar", "identity", "raw-scalar", "raw-full")
 
 def shrink(sigma: torch.Tensor, max_condition: float) -> torch.Tensor:
     """(1-α)Σ̂ + α (tr Σ̂/D) I with the smallest α in [0, 1] that brings cond(Σ̂) <= max_condition.
-    sigma [D, D] -> [D, D]; logs a warning when it shrinks."""
+    sigma [D, D] -> [D, D]; logs (INFO) when it shrinks: routine for dynamics residuals."""
     eig = torch.linalg.eigvalsh(sigma)
     low, high, target = float(eig[0]), float(eig[-1]), float(eig.mean())
     if low > 0 and high / low <= max_condition:
         return sigma
     c = max_condition
     alpha = min(1.0, (high - c * low) / (high - c * low + (c - 1) * target))
-    log.warning(
+    log.info(
         "Σ̂ is ill-conditioned (eigenvalues %.3g..%.3g); shrinking towards (tr Σ̂/D)·I with α=%.3g",
         low,
         high,
@@ -47,6 +48,20 @@ def residual_covariance(predictor: nn.Module, data: Dataset) -> torch.Tensor:
     residual = (data.y - mean).reshape(-1, data.y.shape[-1])
     residual = residual - residual.mean(0)
     return residual.T @ residual / max(len(residual) - 1, 1)
+
+
+def floor_variances(sigma: torch.Tensor, predictor: nn.Module) -> torch.Tensor:
+    """Σ̂ [D, D] with each variance raised to at least e × the smallest variance the predictor
+    is built to reach (`min_variance()`, if it has one).
+
+    A plug-in U = (λ/2)Σ̂⁻¹ then never asks PG for a variance below the model's lower bound. A
+    target the model predicts almost exactly (Reacher's goal coordinates, constant within an
+    episode) otherwise gets U ~ 1e6: PG's optimum lies beyond the bound, -J has no stationary
+    point and most of the bilevel learner's IFT solves fail."""
+    if not hasattr(predictor, "min_variance"):
+        return sigma
+    raised = (math.e * predictor.min_variance() - sigma.diagonal()).clamp_min(0)
+    return sigma + torch.diag(raised)
 
 
 def plugin_matrix(kind: str, sigma: torch.Tensor, lam: float) -> torch.Tensor:

@@ -33,7 +33,12 @@ from mbrl_bilevel.solvers.hypergrad import BilevelProblem
 from mbrl_bilevel.solvers.inner import reward_diagnostics
 from mbrl_bilevel.solvers.linear import LinearSolverConfig
 from mbrl_bilevel.solvers.objectives import Objective
-from mbrl_bilevel.solvers.plugin import plugin_matrix, residual_covariance, shrink
+from mbrl_bilevel.solvers.plugin import (
+    floor_variances,
+    plugin_matrix,
+    residual_covariance,
+    shrink,
+)
 from mbrl_bilevel.validation import ConfigError, check_positive
 
 
@@ -84,9 +89,10 @@ class FixedReward(_RewardState):
 
 class PluginRefresh(_RewardState):
     """The plug-in reward U = plugin_matrix(kind, Σ̂, λ), Σ̂ the covariance of the held-out
-    residuals y - μ_θ(x) (ensemble members pooled), re-estimated at the start of each fit and
-    every `every` steps. For a diagonal Gaussian model `diag` is the right kind: PG then learns
-    each dimension's residual variance (SPEC section 2)."""
+    residuals y - μ_θ(x) (ensemble members pooled; `floor_variances`, then `shrink`),
+    re-estimated at the start of each fit and every `every` steps. For a diagonal Gaussian model
+    `diag` is the right kind: PG then learns each dimension's residual variance (SPEC
+    section 2)."""
 
     def __init__(
         self,
@@ -110,7 +116,8 @@ class PluginRefresh(_RewardState):
         self._refresh(predictor)
 
     def _refresh(self, predictor: nn.Module) -> None:
-        sigma = shrink(residual_covariance(predictor, self.val), self.max_condition)
+        sigma = floor_variances(residual_covariance(predictor, self.val), predictor)
+        sigma = shrink(sigma, self.max_condition)
         self.reward.U.copy_(plugin_matrix(self.kind, sigma, self.lam))
 
     def __call__(self, step: int, predictor: nn.Module) -> dict[str, float]:
@@ -224,12 +231,13 @@ class ImplicitRefresh:
     most solves fail.
 
     With `plugin_start`, the reward follows the diagonal plug-in P = (λ/2)diag(Σ̂)⁻¹ of the
-    held-out residuals (the closed-form optimum for a homoscedastic model) and the hypergradient
-    learns a correction relative to it: the first outer step ever sets U (constant in x) to P,
-    every later one first moves U by P's change since the previous step (U <- S U S,
-    S² = P_new / P_old, `reward.rescale`). Without this, an agent's reward stays near the
-    plug-in of its first, tiny dataset: Adam moves log U by about `outer_lr` per outer step, far
-    too slowly to follow residuals that shrink by orders of magnitude as data arrives."""
+    held-out residuals, floored by `floor_variances` (the closed-form optimum for a homoscedastic
+    model), and the hypergradient learns a correction relative to it: the first outer step ever
+    sets U (constant in x) to P, every later one first moves U by P's change since the previous
+    step (U <- S U S, S² = P_new / P_old, `reward.rescale`). Without this, an agent's reward
+    stays near the plug-in of its first, tiny dataset: Adam moves log U by about `outer_lr` per
+    outer step, far too slowly to follow residuals that shrink by orders of magnitude as data
+    arrives."""
 
     def __init__(
         self,
@@ -271,7 +279,7 @@ class ImplicitRefresh:
     def _anchor(self, predictor: nn.Module) -> None:
         """Set U to the diagonal plug-in of the held-out residuals (first time), or move it by
         the plug-in's change since the previous outer step."""
-        sigma = residual_covariance(predictor, self.val)
+        sigma = floor_variances(residual_covariance(predictor, self.val), predictor)
         log_plugin = plugin_matrix("diag", sigma, self.objective.lam).diagonal().log()
         if self.anchor is None:
             self.reward.set_constant(torch.diag(log_plugin.exp()))
