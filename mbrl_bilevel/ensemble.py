@@ -175,8 +175,10 @@ class FrozenMembers:
             weights[-1], biases[-1] = weights[-1] * scale, biases[-1] * scale + shift
             self.weights = [w.to(dtype) for w in weights]
             self.biases = [b.to(dtype) for b in biases]
-            self.bounds = ensemble.min_log_var.clone(), ensemble.max_log_var.clone()
-            self.log_target_std = ensemble.target_std.log()
+            # std = t_std · exp(½ soft_bound(raw)) with one exp per element (see __call__)
+            low, high = ensemble.min_log_var, ensemble.max_log_var
+            self.high, self.span = high.clone(), (high - low).exp()
+            self.min_std = ensemble.target_std * (0.5 * low).exp()
         self.dtype = dtype
         self.buffers = [torch.empty(0, dtype=dtype) for _ in weights[:-1]]
 
@@ -184,8 +186,10 @@ class FrozenMembers:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = stacked_mlp(x.to(self.dtype), self.weights, self.biases, self.buffers)
         mean, raw = h.float().chunk(2, dim=-1)
-        log_std = torch.add(self.log_target_std, soft_bound(raw, *self.bounds), alpha=0.5)
-        return mean, log_std.exp_()
+        # soft_bound(raw) = low + log(1 + c / (1 + a)) with a = exp(high - raw), c = exp(high -
+        # low): the two softplus folded into one exp, a tenth of a planning step saved
+        a = torch.sub(self.high, raw).exp_().add_(1)
+        return mean, torch.div(self.span, a).add_(1).sqrt_().mul_(self.min_std)
 
 
 def stacked_mlp(

@@ -31,6 +31,8 @@ def test_frozen_members_match_the_ensemble_and_ignore_later_training():
     ens = GaussianEnsemble(4, 3, members=5, elites=2, hidden=(8, 8))
     ens.fit_normaliser(torch.randn(50, 4) * 3 + 1, torch.randn(50, 3) * 2 - 1)
     members = torch.tensor([4, 1])
+    with torch.no_grad():  # log-variances at both soft bounds and between them
+        ens.weights[-1][..., 3:].mul_(torch.tensor([1.0, 300.0, -300.0]))
     frozen = ens.frozen_members(members)
     x = torch.randn(2, 6, 4)
     full = ens(torch.zeros(5, 6, 4).index_copy(0, members, x))
