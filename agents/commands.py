@@ -36,8 +36,9 @@ class TrainConfig:
     """Agent: pets (MPC) or mbpo (Dyna on SB3's SAC)."""
     dynamics_loss: str = "bilevel"
     """Dynamics learner: mse, nll, nll-beta, pg (U = I), pg-scaled, pg-raw-sigma, pg-plugin,
-    pg-plugin-input (the plug-in U(x) from a regression of the held-out residuals), bilevel (a
-    diagonal reward U learned by implicit differentiation) or bilevel-input (U(x))."""
+    pg-plugin-input (the plug-in U(x) from a regression of the held-out residuals),
+    pg-plugin-input-beta (the same, its terms weighted by σ̂²(x)^0.5 as β-NLL weights NLL's),
+    bilevel (a diagonal reward U learned by implicit differentiation) or bilevel-input (U(x))."""
     steps: int = 1500
     """Total env steps."""
     preset: str = "tiny"

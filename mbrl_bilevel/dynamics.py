@@ -57,7 +57,7 @@ class DynamicsConfig:
     dataset of --collect-steps transitions."""
     strategies: str = ",".join(STRATEGIES)
     """Comma-separated strategies: mse, nll, nll-beta, pg-identity, pg-scaled, pg-raw-sigma,
-    pg-plugin, pg-plugin-input, bilevel, bilevel-input."""
+    pg-plugin, pg-plugin-input, pg-plugin-input-beta, bilevel, bilevel-input."""
     seeds: int = 5
     """Seeds (each: its own split, initialisation and sampling)."""
     protocol: str = "default"
@@ -73,12 +73,12 @@ class DynamicsConfig:
     estimator: str = "score"
     """PG gradient estimator: score (REINFORCE, the paper's) or pathwise (reparameterised)."""
     refresh_every: int = 50
-    """Steps between reward updates of pg-plugin and pg-plugin-input (refreshes) and bilevel
-    (outer steps)."""
+    """Steps between reward updates of pg-plugin and pg-plugin-input(-beta) (refreshes) and
+    bilevel (outer steps)."""
     outer_lr: float = 0.05
     """Adam learning rate of the bilevel reward parameters."""
     beta: float = 0.5
-    """β of nll-beta."""
+    """β of nll-beta and pg-plugin-input-beta (weights: variances to the power β)."""
     steps: int | None = None
     """Gradient steps; none: 400 (paper) or 4000 with early stopping (default)."""
     lr: float = 1e-3

@@ -12,6 +12,8 @@ normalised target units:
 - pg-plugin: U = (λ/2)diag(Σ̂)⁻¹, Σ̂ the held-out residual covariance of the model, refreshed;
 - pg-plugin-input: U(x) = (λ/2)diag(σ̂²(x))⁻¹, σ̂²(x) a small MLP regression of the model's
   held-out squared residuals on x, refreshed (PG then learns a heteroscedastic variance);
+- pg-plugin-input-beta: the same reward, each input's and dimension's term of J weighted by
+  σ̂²(x)^β (losses.BetaPGLoss: the mean no longer weighted by U(x), as β-NLL does for NLL);
 - bilevel: a diagonal U learned by implicit differentiation of the held-out NLL;
 - bilevel-input: an input-dependent U(x) learned the same way.
 """
@@ -26,7 +28,15 @@ import torch
 from mbrl_bilevel.data import Dataset
 from mbrl_bilevel.ensemble import EnsembleLearner
 from mbrl_bilevel.gaussian import optimal_reward_matrix, residual_covariance, scaled_reward_scalar
-from mbrl_bilevel.losses import BASELINES, BetaNLLLoss, MSELoss, NLLLoss, PathwisePGLoss, PGLoss
+from mbrl_bilevel.losses import (
+    BASELINES,
+    BetaNLLLoss,
+    BetaPGLoss,
+    MSELoss,
+    NLLLoss,
+    PathwisePGLoss,
+    PGLoss,
+)
 from mbrl_bilevel.rewards import (
     DiagonalInputMahalanobis,
     DiagonalMahalanobis,
@@ -51,6 +61,7 @@ DYNAMICS_LOSSES = (
     *FIXED_REWARDS,
     "pg-plugin",
     "pg-plugin-input",
+    "pg-plugin-input-beta",
     "bilevel",
     "bilevel-input",
 )
@@ -77,7 +88,7 @@ class PGOptions:
     hyper_batch: int = 1024
     """Rows of each split in one bilevel hypergradient."""
     beta: float = 0.5
-    """β of nll-beta."""
+    """β of nll-beta and pg-plugin-input-beta (the weights are variances to the power β)."""
 
     def __post_init__(self):
         check_positive(self.lam, "λ")
@@ -129,7 +140,7 @@ def _reward_and_update(strategy: str, in_dim: int, out_dim: int, seed: int, opti
     if strategy == "pg-plugin":
         reward = FixedMahalanobis(torch.diag(initial))
         return reward, PluginRefresh(reward, options.lam, "diag", options.refresh_every)
-    if strategy == "pg-plugin-input":
+    if strategy in ("pg-plugin-input", "pg-plugin-input-beta"):
         reward = DiagonalInputMahalanobis(in_dim, torch.diag(initial))
         return reward, InputPluginRefresh(reward, options.lam, options.refresh_every)
     if strategy == "bilevel":
@@ -159,6 +170,9 @@ def make_loss(strategy: str, in_dim: int, out_dim: int, seed: int = 0, options=N
     if strategy == "nll-beta":
         return BetaNLLLoss(options.beta), None
     reward, update = _reward_and_update(strategy, in_dim, out_dim, seed, options)
+    if strategy == "pg-plugin-input-beta":
+        loss = BetaPGLoss(reward, options.lam, options.generations, options.beta, options.estimator)
+        return loss, update
     return _pg_loss(reward, options), update
 
 

@@ -213,10 +213,16 @@ class DiagonalInputMahalanobis(InputDependentMahalanobis):
     def matrix_at(self, x: torch.Tensor | None) -> torch.Tensor:
         return torch.diag_embed(self.log_diagonal_at(x).exp())
 
+    def per_dimension(
+        self, y_hat: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The reward's terms -u_d(x)(ŷ_d - y_d)² [..., D]; forward is their sum."""
+        return -(y_hat - y).pow(2) * self.log_diagonal_at(x).exp()
+
     def forward(
         self, y_hat: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return -((y_hat - y).pow(2) * self.log_diagonal_at(x).exp()).sum(-1)
+        return self.per_dimension(y_hat, y, x).sum(-1)
 
 
 class OneHotReward(nn.Module):

@@ -173,6 +173,17 @@ def test_heteroscedastic_plugin_makes_pg_learn_the_input_dependent_noise():
     assert nll < nll_of_plugin - 0.15  # a constant variance is 0.26 nats/dim worse here at best
 
 
+@pytest.mark.parametrize("estimator", ["pathwise", "score"])
+def test_beta_weighted_plugin_learns_the_input_dependent_noise(estimator):
+    """The β-weighted terms keep PG's optimum S(x) = σ̂²(x) ≈ σ²(x) (losses.BetaPGLoss) and its
+    held-out NLL is NLL training's."""
+    ensemble, _, _, nll = fit_hetero("pg-plugin-input-beta", estimator=estimator)
+    std = ensemble.mixture(GRID).variance.sqrt()
+    torch.testing.assert_close(std, hetero_std(GRID), rtol=0.25, atol=0)
+    _, _, _, nll_of_nll = fit_hetero("nll")
+    assert nll < nll_of_nll + 0.05
+
+
 def test_heteroscedastic_plugin_with_the_score_estimator_and_its_state_round_trip():
     ensemble, learner, _, _ = fit_hetero("pg-plugin-input", estimator="score")
     std = ensemble.mixture(GRID).variance.sqrt()
