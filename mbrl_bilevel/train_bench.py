@@ -27,7 +27,10 @@ from mbrl_bilevel.validation import ConfigError
 class TrainBenchConfig:
     """Options of `bench train`."""
 
-    strategies: str = "mse,nll,nll-beta,pg-identity,pg-plugin,pg-plugin-input,bilevel,bilevel-input"
+    strategies: str = (
+        "mse,nll,nll-beta,pg-identity,pg-plugin,pg-plugin-input,pg-plugin-input-beta,bilevel,"
+        "bilevel-input"
+    )
     """Comma-separated strategies to time (see `mbrl-bilevel dynamics`); the reward updates of
     pg-plugin and bilevel (every 50 steps) are included, amortised per step."""
     members: int = 7

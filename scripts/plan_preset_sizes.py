@@ -1,0 +1,56 @@
+"""Planning time per env step of variants of a PETS preset, as `mbrl-bilevel bench plan` times a
+preset: what a smaller `cpu` preset would cost, and how far from its floating-point bound.
+
+    python scripts/plan_preset_sizes.py "particles=3,population=80" "iterations=2,horizon=10"
+
+Each variant is the `--preset` (default cpu) with the given PETSConfig fields changed; the preset
+itself is timed first. Prints ms per step (median and best of --steps), model GFLOP per step and
+the ratio to the lower bound (bench plan's definition, HalfCheetah-v5 sizes, 1 torch thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+
+from agents.pets import PRESETS
+from agents.plan_bench import time_preset
+from mbrl_bilevel.bench import PlanBenchConfig
+from mbrl_bilevel.train_bench import linear_flops_per_row
+
+
+def parse_variant(text: str) -> dict:
+    """'particles=3,hidden=200;200' -> {'particles': 3, 'hidden': (200, 200)}."""
+    fields = {}
+    for item in filter(None, text.split(",")):
+        name, value = item.split("=")
+        numbers = tuple(int(v) for v in value.split(";"))
+        fields[name.strip()] = numbers if name.strip() == "hidden" else numbers[0]
+    return fields
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("variants", nargs="*", help="field=value,... (hidden as 200;200)")
+    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    bench = PlanBenchConfig(steps=args.steps)
+    for text in ["", *args.variants]:
+        config = dataclasses.replace(PRESETS[args.preset], **parse_variant(text))
+        timed = time_preset(config, "float32", bench)
+        inputs = bench.obs_dim + bench.action_dim
+        flops = timed["rows"] * linear_flops_per_row(inputs, bench.obs_dim, config.hidden)
+        ratio = timed["median"] * timed["matmul_rate"] / flops
+        print(
+            f"{text or args.preset:32s} {1e3 * timed['median']:7.1f} ms (best "
+            f"{1e3 * timed['best']:.1f})  {flops / 1e9:5.2f} GFLOP  ratio {ratio:.2f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
