@@ -4,6 +4,7 @@ NLL training's, paired by seed (a seed fixes the split), mean ± std over the se
 
     python scripts/dynamics_tables.py runs/dynamics-benchmark            # one table per dataset
     python scripts/dynamics_tables.py runs/dynamics-benchmark --summary  # one row per strategy
+    python scripts/dynamics_tables.py runs/dynamics-benchmark --figure docs/figures/bar.png
 
 A strategy meets the bar where rmse/mse <= 1.05 and nll - nll(nll) <= 0.1 (nats per dimension).
 """
@@ -16,23 +17,36 @@ from pathlib import Path
 
 import pandas as pd
 
+from mbrl_bilevel.dynamics import DynamicsConfig
 from mbrl_bilevel.learners import DYNAMICS_LOSSES
+
+BETA_DEFAULT = DynamicsConfig.beta
 
 
 def load(sweep: Path) -> pd.DataFrame:
-    """Every finished run's metrics.csv rows with its dataset name and estimator."""
+    """Every finished run's metrics.csv rows with its dataset name; the strategy is labelled with
+    its estimator when not the score function, and with β when not the default."""
     frames = []
     for metrics in sorted(sweep.glob("*/metrics.csv")):
         config = json.loads((metrics.parent / "config.json").read_text())
         frame = pd.read_csv(metrics)
         frame["dataset"] = Path(config["dataset"]).stem
-        estimator = config["estimator"]
         pg = frame["strategy"].str.startswith(("pg", "bilevel"))
-        frame.loc[pg & (estimator != "score"), "strategy"] += f" ({estimator})"
+        weighted = frame["strategy"].str.endswith("beta")
+        if config["estimator"] != "score":
+            frame.loc[pg, "strategy"] += f" ({config['estimator']})"
+        if config["beta"] != BETA_DEFAULT:
+            frame.loc[weighted, "strategy"] += f" β = {config['beta']:g}"
         frames.append(frame)
     rows = pd.concat(frames, ignore_index=True)
+    rows = rows.iloc[rows["dataset"].map(dataset_order).argsort(kind="stable")]
     order = rows["strategy"].map(lambda s: (DYNAMICS_LOSSES.index(s.split(" ")[0]), s))
     return rows.iloc[order.argsort(kind="stable")]
+
+
+def dataset_order(name: str) -> tuple[str, bool, str]:
+    """Environment first, then random before other datasets of it."""
+    return name.split("-")[0], "random" not in name, name
 
 
 def cell(values: pd.Series, digits: int = 3) -> str:
@@ -82,12 +96,56 @@ def summary_table(rows: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def bar_figure(rows: pd.DataFrame, path: Path) -> None:
+    """One panel per dataset: each strategy's nll - nll(nll) against rmse / mse (mean ± std over
+    seeds), with the issue's bar (rmse / mse <= 1.05, gap <= 0.1) shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = paired(rows)
+    datasets = list(dict.fromkeys(rows["dataset"]))
+    strategies = list(dict.fromkeys(rows["strategy"]))
+    colours = plt.get_cmap("tab20")
+    figure, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 4.2), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        ax.axvline(1.05, color="green", ls="--", lw=1, label="the bar: below and left")
+        ax.axhline(0.1, color="green", ls="--", lw=1)
+        for index, strategy in enumerate(strategies):
+            part = rows[(rows["dataset"] == dataset) & (rows["strategy"] == strategy)]
+            if len(part):
+                ax.errorbar(
+                    part["ratio"].mean(),
+                    part["gap"].mean(),
+                    xerr=part["ratio"].std(ddof=1),
+                    yerr=part["gap"].std(ddof=1),
+                    fmt="o",
+                    color=colours(index),
+                    label=strategy,
+                )
+        ax.set(title=dataset, xlabel="test rmse / mse's")
+        ax.axhline(0, color="grey", lw=0.5)
+    axes[0][0].set_ylabel("test nll − nll training's (nats/dim)")
+    legend = {}
+    for ax in axes[0]:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+    figure.legend(
+        legend.values(), legend.keys(), loc="center left", bbox_to_anchor=(1, 0.5), fontsize=8
+    )
+    figure.tight_layout()
+    figure.savefig(path, bbox_inches="tight", dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", type=Path, help="the sweep folder, e.g. runs/dynamics-benchmark")
     parser.add_argument("--summary", action="store_true", help="one row per strategy instead")
+    parser.add_argument("--figure", type=Path, help="also save the rmse/nll scatter there")
     args = parser.parse_args()
     rows = load(args.sweep)
+    if args.figure:
+        bar_figure(rows, args.figure)
     if args.summary:
         print(summary_table(rows))
         return
