@@ -80,6 +80,26 @@ def time_preset(config: PETSConfig, dtype: str, bench: PlanBenchConfig) -> dict:
     }
 
 
+def plan_row(name: str, preset: PETSConfig, dtype: str, bench: PlanBenchConfig) -> dict:
+    """Time one preset in one dtype: ms per env step (median, best), model GFLOP per step, the
+    fp32 matmul rate, the lower bound and the ratios to it."""
+    inputs = bench.obs_dim + bench.action_dim
+    timed = time_preset(preset, dtype, bench)
+    flops = timed["rows"] * linear_flops_per_row(inputs, bench.obs_dim, preset.hidden)
+    bound = flops / timed["matmul_rate"]
+    return {
+        "preset": name,
+        "dtype": dtype,
+        "ms_per_step": 1e3 * timed["median"],
+        "best_ms": 1e3 * timed["best"],
+        "model_gflop": flops / 1e9,
+        "matmul_gflops": timed["matmul_rate"] / 1e9,
+        "bound_ms": 1e3 * bound,
+        "ratio": timed["median"] / bound,
+        "best_ratio": timed["best"] / bound,
+    }
+
+
 def run_plan_bench(config: PlanBenchConfig) -> tuple[list[dict], dict]:
     """One row per preset and dtype: ms per env step (median, best), model GFLOP per step, the
     fp32 matmul rate, the lower bound and the ratios to it; and the context."""
@@ -100,29 +120,7 @@ def run_plan_bench(config: PlanBenchConfig) -> tuple[list[dict], dict]:
         )
     torch.set_num_threads(config.threads)
     load_before = os.getloadavg()[0]
-    rows = []
-    for name in presets:
-        preset = PRESETS[name]
-        per_row = linear_flops_per_row(
-            config.obs_dim + config.action_dim, config.obs_dim, preset.hidden
-        )
-        for dtype in dtypes:
-            timed = time_preset(preset, dtype, config)
-            flops = timed["rows"] * per_row
-            bound = flops / timed["matmul_rate"]
-            rows.append(
-                {
-                    "preset": name,
-                    "dtype": dtype,
-                    "ms_per_step": 1e3 * timed["median"],
-                    "best_ms": 1e3 * timed["best"],
-                    "model_gflop": flops / 1e9,
-                    "matmul_gflops": timed["matmul_rate"] / 1e9,
-                    "bound_ms": 1e3 * bound,
-                    "ratio": timed["median"] / bound,
-                    "best_ratio": timed["best"] / bound,
-                }
-            )
+    rows = [plan_row(name, PRESETS[name], dtype, config) for name in presets for dtype in dtypes]
     context = {
         "threads": config.threads,
         "cpu_count": os.cpu_count(),

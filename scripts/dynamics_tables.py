@@ -98,7 +98,7 @@ def summary_table(rows: pd.DataFrame) -> str:
 
 def bar_figure(rows: pd.DataFrame, path: Path) -> None:
     """One panel per dataset: each strategy's nll - nll(nll) against rmse / mse (mean ± std over
-    seeds), with the issue's bar (rmse / mse <= 1.05, gap <= 0.1) shaded."""
+    seeds), with the issue's bar (rmse / mse <= 1.05, gap <= 0.1) as dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -16,9 +16,8 @@ import dataclasses
 import torch
 
 from agents.pets import PRESETS
-from agents.plan_bench import time_preset
+from agents.plan_bench import plan_row
 from mbrl_bilevel.bench import PlanBenchConfig
-from mbrl_bilevel.train_bench import linear_flops_per_row
 
 
 def parse_variant(text: str) -> dict:
@@ -41,13 +40,10 @@ def main() -> None:
     bench = PlanBenchConfig(steps=args.steps)
     for text in ["", *args.variants]:
         config = dataclasses.replace(PRESETS[args.preset], **parse_variant(text))
-        timed = time_preset(config, "float32", bench)
-        inputs = bench.obs_dim + bench.action_dim
-        flops = timed["rows"] * linear_flops_per_row(inputs, bench.obs_dim, config.hidden)
-        ratio = timed["median"] * timed["matmul_rate"] / flops
+        row = plan_row(text or args.preset, config, "float32", bench)
         print(
-            f"{text or args.preset:32s} {1e3 * timed['median']:7.1f} ms (best "
-            f"{1e3 * timed['best']:.1f})  {flops / 1e9:5.2f} GFLOP  ratio {ratio:.2f}",
+            f"{row['preset']:32s} {row['ms_per_step']:7.1f} ms (best {row['best_ms']:.1f})  "
+            f"{row['model_gflop']:5.2f} GFLOP  ratio {row['ratio']:.2f}",
             flush=True,
         )
 
