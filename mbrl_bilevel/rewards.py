@@ -83,6 +83,11 @@ class DiagonalMahalanobis(MahalanobisReward):
         self.log_diag.add_(log_factor.to(self.log_diag))
 
     @torch.no_grad()
+    def clamp_log(self, lower: torch.Tensor, upper: torch.Tensor) -> None:
+        """Project log diag U into [lower, upper] (each [D])."""
+        self.log_diag.copy_(torch.maximum(torch.minimum(self.log_diag, upper), lower))
+
+    @torch.no_grad()
     def set_constant(self, matrix: torch.Tensor) -> None:
         """Move φ so that U = diag(matrix) ([D, D], SPD)."""
         check_spd(matrix, "reward matrix U")

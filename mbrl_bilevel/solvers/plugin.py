@@ -64,6 +64,14 @@ def floor_variances(sigma: torch.Tensor, predictor: nn.Module) -> torch.Tensor:
     return sigma + torch.diag(raised)
 
 
+def plugin_ceiling(predictor: nn.Module, lam: float) -> float:
+    """The largest diagonal plug-in entry that floor_variances allows: (λ/2)/(e × the
+    predictor's `min_variance()`), or inf for a predictor without a variance bound."""
+    if not hasattr(predictor, "min_variance"):
+        return math.inf
+    return 0.5 * lam / (math.e * predictor.min_variance())
+
+
 def plugin_matrix(kind: str, sigma: torch.Tensor, lam: float) -> torch.Tensor:
     """U [D, D] from Σ̂ [D, D]: full (λ/2)Σ̂⁻¹, diag (λ/2)/diag(Σ̂), scalar λD/(2 tr Σ̂)·I."""
     dim = sigma.shape[-1]

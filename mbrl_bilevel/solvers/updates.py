@@ -25,6 +25,7 @@ from torch import nn
 from mbrl_bilevel.data import Dataset
 from mbrl_bilevel.rewards import (
     DiagonalInputMahalanobis,
+    DiagonalMahalanobis,
     FixedMahalanobis,
     InputDependentMahalanobis,
 )
@@ -35,6 +36,7 @@ from mbrl_bilevel.solvers.linear import LinearSolverConfig
 from mbrl_bilevel.solvers.objectives import Objective
 from mbrl_bilevel.solvers.plugin import (
     floor_variances,
+    plugin_ceiling,
     plugin_matrix,
     residual_covariance,
     shrink,
@@ -237,7 +239,12 @@ class ImplicitRefresh:
     step (U <- S U S, S² = P_new / P_old, `reward.rescale`). Without this, an agent's reward
     stays near the plug-in of its first, tiny dataset: Adam moves log U by about `outer_lr` per
     outer step, far too slowly to follow residuals that shrink by orders of magnitude as data
-    arrives."""
+    arrives. A constant diagonal U is then kept within a factor `max_correction` of P and below
+    the plug-in of the variance floor (`plugin_ceiling`) after every outer step: Adam's
+    normalised steps turn a small, consistently signed hypergradient into a drift of `outer_lr`
+    per step, and an agent takes hundreds of outer steps (on Reacher U grew 200× past the ceiling,
+    where PG's optimal variance lies below the model's bound and the IFT solves fail).
+    Input-dependent rewards keep only their own soft bounds on log U(x)."""
 
     def __init__(
         self,
@@ -250,9 +257,13 @@ class ImplicitRefresh:
         seed: int = 0,
         plugin_start: bool = True,
         output_layer_only: bool = True,
+        max_correction: float = 10.0,
     ):
         if every <= 0 or batch_size <= 0:
             raise ConfigError(f"every and batch_size must be > 0, got {every}, {batch_size}")
+        if not max_correction > 1:
+            raise ConfigError(f"max_correction must be > 1, got {max_correction}")
+        self.log_max_correction = math.log(max_correction)
         self.reward, self.objective, self.every, self.batch_size = (
             reward,
             objective,
@@ -268,6 +279,8 @@ class ImplicitRefresh:
         self.outer_step = 0
         self.anchor: torch.Tensor | None = None
         """log diag of the plug-in U at the previous outer step [D]."""
+        self.log_ceiling = math.inf
+        """log plugin_ceiling of the predictor at the previous outer step."""
         self.train: Dataset | None = None
         self.val: Dataset | None = None
 
@@ -286,6 +299,16 @@ class ImplicitRefresh:
         else:
             self.reward.rescale(log_plugin - self.anchor)
         self.anchor = log_plugin
+        self.log_ceiling = math.log(plugin_ceiling(predictor, self.objective.lam))
+
+    def _bound_correction(self) -> None:
+        """Keep a constant diagonal U within a factor max_correction of the plug-in anchor and
+        below the ceiling."""
+        if not isinstance(self.reward, DiagonalMahalanobis):
+            return
+        upper = (self.anchor + self.log_max_correction).clamp_max(self.log_ceiling)
+        lower = torch.minimum(self.anchor - self.log_max_correction, upper)
+        self.reward.clamp_log(lower, upper)
 
     def _rows(self, data: Dataset) -> Dataset:
         index = torch.randperm(len(data), generator=self.generator)[: self.batch_size]
@@ -303,6 +326,8 @@ class ImplicitRefresh:
         row, self.warm = implicit_outer_step(
             problem, self.optimizer, self.linear, self.warm, self.outer_step
         )
+        if self.plugin_start:
+            self._bound_correction()
         self.last = row | reward_diagnostics(self.reward, val.x)
         return self.last
 
