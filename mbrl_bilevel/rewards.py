@@ -85,7 +85,7 @@ class DiagonalMahalanobis(MahalanobisReward):
     @torch.no_grad()
     def clamp_log(self, lower: torch.Tensor, upper: torch.Tensor) -> None:
         """Project log diag U into [lower, upper] (each [D])."""
-        self.log_diag.copy_(torch.maximum(torch.minimum(self.log_diag, upper), lower))
+        self.log_diag.clamp_(lower, upper)
 
     @torch.no_grad()
     def set_constant(self, matrix: torch.Tensor) -> None:

@@ -60,16 +60,20 @@ def floor_variances(sigma: torch.Tensor, predictor: nn.Module) -> torch.Tensor:
     point and most of the bilevel learner's IFT solves fail."""
     if not hasattr(predictor, "min_variance"):
         return sigma
-    raised = (math.e * predictor.min_variance() - sigma.diagonal()).clamp_min(0)
+    raised = (variance_floor(predictor) - sigma.diagonal()).clamp_min(0)
     return sigma + torch.diag(raised)
 
 
+def variance_floor(predictor: nn.Module) -> float:
+    """e × the predictor's `min_variance()`, the floor of floor_variances (0 without a bound)."""
+    return math.e * predictor.min_variance() if hasattr(predictor, "min_variance") else 0.0
+
+
 def plugin_ceiling(predictor: nn.Module, lam: float) -> float:
-    """The largest diagonal plug-in entry that floor_variances allows: (λ/2)/(e × the
-    predictor's `min_variance()`), or inf for a predictor without a variance bound."""
-    if not hasattr(predictor, "min_variance"):
-        return math.inf
-    return 0.5 * lam / (math.e * predictor.min_variance())
+    """The largest diagonal plug-in entry that floor_variances allows: (λ/2)/variance_floor,
+    inf for a predictor without a variance bound."""
+    floor = variance_floor(predictor)
+    return 0.5 * lam / floor if floor > 0 else math.inf
 
 
 def plugin_matrix(kind: str, sigma: torch.Tensor, lam: float) -> torch.Tensor:

@@ -279,8 +279,6 @@ class ImplicitRefresh:
         self.outer_step = 0
         self.anchor: torch.Tensor | None = None
         """log diag of the plug-in U at the previous outer step [D]."""
-        self.log_ceiling = math.inf
-        """log plugin_ceiling of the predictor at the previous outer step."""
         self.train: Dataset | None = None
         self.val: Dataset | None = None
 
@@ -299,14 +297,14 @@ class ImplicitRefresh:
         else:
             self.reward.rescale(log_plugin - self.anchor)
         self.anchor = log_plugin
-        self.log_ceiling = math.log(plugin_ceiling(predictor, self.objective.lam))
 
-    def _bound_correction(self) -> None:
+    def _bound_correction(self, predictor: nn.Module) -> None:
         """Keep a constant diagonal U within a factor max_correction of the plug-in anchor and
-        below the ceiling."""
+        at most at the predictor's plug-in ceiling."""
         if not isinstance(self.reward, DiagonalMahalanobis):
             return
-        upper = (self.anchor + self.log_max_correction).clamp_max(self.log_ceiling)
+        log_ceiling = math.log(plugin_ceiling(predictor, self.objective.lam))
+        upper = (self.anchor + self.log_max_correction).clamp_max(log_ceiling)
         lower = torch.minimum(self.anchor - self.log_max_correction, upper)
         self.reward.clamp_log(lower, upper)
 
@@ -327,7 +325,7 @@ class ImplicitRefresh:
             problem, self.optimizer, self.linear, self.warm, self.outer_step
         )
         if self.plugin_start:
-            self._bound_correction()
+            self._bound_correction(predictor)
         self.last = row | reward_diagnostics(self.reward, val.x)
         return self.last
 
