@@ -64,7 +64,7 @@ def solved(request):
     return problem, theta, phi, finite_difference(problem, theta, phi)
 
 
-@pytest.mark.parametrize("method", ["dense", "cg"])
+@pytest.mark.parametrize("method", ["dense", "cg", "minres"])
 def test_implicit_hypergradient_matches_finite_differences(solved, method):
     problem, theta, phi, fd = solved
     config = LinearSolverConfig(method=method, damping=0.0, tol=1e-12, max_iter=200)

@@ -26,7 +26,7 @@ from mbrl_bilevel.solvers import (
     implicit_hypergradient,
     solve_inner,
 )
-from mbrl_bilevel.solvers.linear import check_solution, conjugate_gradient, neumann
+from mbrl_bilevel.solvers.linear import check_solution, conjugate_gradient, minres, neumann
 from mbrl_bilevel.solvers.plugin import plugin_matrix, shrink
 from mbrl_bilevel.validation import ConfigError
 
@@ -76,6 +76,35 @@ def test_cg_warm_start_from_the_solution_needs_no_iteration():
     assert info.iterations == 0 and info.converged
 
 
+def test_minres_solves_symmetric_systems_definite_or_not():
+    A, b = spd(6), torch.randn(6, dtype=torch.float64)
+    indefinite = A - 3.0 * torch.eye(6, dtype=torch.float64)
+    eigenvalues = torch.linalg.eigvalsh(indefinite)
+    assert eigenvalues.min() < 0 < eigenvalues.max()
+    for matrix in (A, indefinite):
+        v, info = minres(lambda v, m=matrix: m @ v, b, None, tol=1e-10, max_iter=50)
+        assert info.converged and info.residual < 1e-10
+        assert torch.allclose(v, torch.linalg.solve(matrix, b), atol=1e-8)
+    _, info = conjugate_gradient(lambda v: indefinite @ v, b, None, 1e-10, 50, warn=False)
+    assert not info.converged  # CG stops at the first direction of negative curvature
+    _, info = minres(lambda v: A @ v, b, torch.linalg.solve(A, b), 1e-8, 50)
+    assert info.iterations <= 1 and info.converged  # a warm start at the solution
+
+
+def test_minres_residual_never_grows_where_cgs_does():
+    """Condition number 1e6: CG's residual after 1-10 iterations is 2.5-3.3 times ‖b‖ (worse than
+    v = 0, so an outer step would be skipped); MINRES's decreases from the first iteration."""
+    A = torch.diag(torch.logspace(0, 6, 30, dtype=torch.float64))
+    b = torch.ones(30, dtype=torch.float64)
+    previous = 1.0
+    for iterations in range(1, 11):
+        _, cg = conjugate_gradient(lambda v: A @ v, b, None, 1e-12, iterations, warn=False)
+        _, mr = minres(lambda v: A @ v, b, None, 1e-12, iterations)
+        assert cg.residual > 1 and mr.residual < previous, (iterations, cg, mr)
+        assert mr.iterations == iterations
+        previous = mr.residual
+
+
 def test_cg_that_does_not_converge_logs_its_residual(caplog):
     A = torch.diag(torch.logspace(0, 6, 30, dtype=torch.float64))
     b = torch.ones(30, dtype=torch.float64)
@@ -90,6 +119,8 @@ def test_cg_that_does_not_converge_logs_its_residual(caplog):
 def test_non_finite_solution_raises_instead_of_returning_nan():
     with pytest.raises(FloatingPointError, match="not finite"):
         conjugate_gradient(lambda v: v * float("nan"), torch.ones(3), None, 1e-6, 5)
+    with pytest.raises(FloatingPointError, match="not finite"):
+        minres(lambda v: v * float("nan"), torch.ones(3), None, 1e-6, 5)
     v = torch.tensor([1.0, float("nan")])
     with pytest.raises(FloatingPointError, match="non-finite"):
         check_solution(v, neumann(lambda v: v, v, 0.5, 3)[1], LinearSolverConfig(method="neumann"))

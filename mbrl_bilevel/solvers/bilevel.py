@@ -187,17 +187,18 @@ def implicit_outer_step(
 ) -> tuple[dict[str, float], torch.Tensor | None]:
     """One implicit (IFT) outer step at the predictor's current θ: the hypergradient, then a step
     of `optimizer` on φ unless the linear solve is no better than v = 0 (relative residual >= 1:
-    the Hessian of -J is not positive definite there), which leaves φ and the optimiser's moments
-    untouched. `warm` is the previous solution v [P]. Returns (solver/ and outer/ scalars, the v
-    to warm-start the next solve, None after a failed one)."""
+    CG on an ill-conditioned or indefinite Hessian of -J; MINRES's never grows), which leaves φ
+    and the optimiser's moments untouched. `warm` is the previous solution v [P]. Returns
+    (solver/ and outer/ scalars, the v to warm-start the next solve, None after a failed one)."""
     hypergradient, v, info = implicit_hypergradient(
         problem, problem.theta(), problem.phi(), linear, warm
     )
     row = {"solver/residual": info.residual, "solver/iterations": float(info.iterations)}
     if info.residual >= 1.0:
         log.warning(
-            "outer step %d skipped: the linear solve's relative residual is %.3g (the Hessian of "
-            "-J is not positive definite here; raise the damping)",
+            "outer step %d skipped: the linear solve's relative residual is %.3g, no better "
+            "than v = 0 (CG on an ill-conditioned or indefinite Hessian of -J; MINRES's "
+            "residual never grows)",
             index,
             info.residual,
         )

@@ -4,8 +4,8 @@
     outer:  F(φ)  = NLL(θ*(φ)) on the held-out split (per-sample mean, lower is better)
 
 Implicit (IFT): dF/dφ = -∇²_φθ L · v with (∇²_θθ L + δI) v = ∇_θ NLL, solved from Hessian-vector
-products (torch.func.vjp of ∇_θ L, one graph per outer step) by CG, a Neumann series, or a dense
-solve.
+products (torch.func.vjp of ∇_θ L, one graph per outer step) by CG, MINRES, a Neumann series, or a
+dense solve.
 Unrolled: θ_K = K gradient steps θ ← θ - η ∇_θ L from θ_0, F = NLL(θ_K), differentiated in φ.
 
 θ [P] and φ [Q] are flat vectors; `BilevelProblem` maps them to the modules' parameters.
@@ -26,6 +26,7 @@ from mbrl_bilevel.solvers.linear import (
     check_solution,
     conjugate_gradient,
     dense_solve,
+    minres,
     neumann,
 )
 from mbrl_bilevel.solvers.objectives import Objective
@@ -140,7 +141,7 @@ def implicit_hypergradient(
     warm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, SolveInfo]:
     """dF/dφ [Q] by the IFT at θ (assumed ≈ θ*(φ)). Returns (hypergradient, v [P], SolveInfo);
-    pass the returned v as `warm` at the next call to warm-start CG."""
+    pass the returned v as `warm` at the next call to warm-start CG or MINRES."""
     rhs = grad(problem.outer_loss)(theta)
     products = problem.second_order(theta, phi)
 
@@ -155,6 +156,10 @@ def implicit_hypergradient(
             config.tol,
             config.max_iter,
             config.warn,
+        )
+    elif config.method == "minres":
+        v, info = minres(
+            matvec, rhs, warm if config.warm_start else None, config.tol, config.max_iter
         )
     elif config.method == "neumann":
         v, info = neumann(matvec, rhs, config.neumann_step, config.max_iter)

@@ -1,5 +1,6 @@
-"""Solvers of A v = b for the symmetric positive (semi)definite A = ∇²_θθ(-J) + δI, given only
-the product v -> A v (Hessian-vector products) or, for small problems, A itself.
+"""Solvers of A v = b for the symmetric A = ∇²_θθ(-J) + δI, given only the product v -> A v
+(Hessian-vector products) or, for small problems, A itself. CG needs A positive definite; MINRES
+(scipy's) only symmetric, and its residual never grows from one iteration to the next.
 
 Each returns (v, SolveInfo). A solve that misses its tolerance logs a warning with the residual;
 a non-finite result raises FloatingPointError (never a silent NaN).
@@ -12,13 +13,15 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+import scipy.sparse.linalg
 import torch
 
 from mbrl_bilevel.validation import ConfigError
 
 log = logging.getLogger(__name__)
 MatVec = Callable[[torch.Tensor], torch.Tensor]
-METHODS = ("cg", "neumann", "dense")
+METHODS = ("cg", "minres", "neumann", "dense")
 
 
 @dataclass(frozen=True)
@@ -26,15 +29,16 @@ class LinearSolverConfig:
     """How the IFT linear system (H + δI) v = ∇_θ F is solved."""
 
     method: str = "cg"
-    """cg (conjugate gradients), neumann (truncated series) or dense (exact; small θ only)."""
+    """cg (conjugate gradients), minres (minimum residual: for an ill-conditioned or indefinite
+    Hessian), neumann (truncated series) or dense (exact; small θ only)."""
     damping: float = 1e-4
     """δ added to the Hessian's diagonal (>= 0)."""
     tol: float = 1e-4
-    """Stop when ‖b - A v‖ <= tol·‖b‖ (cg)."""
+    """Stop when ‖b - A v‖ <= tol·‖b‖ (cg, minres)."""
     max_iter: int = 50
-    """Iteration cap (cg) or number of series terms (neumann)."""
+    """Iteration cap (cg, minres) or number of series terms (neumann)."""
     warm_start: bool = True
-    """Start cg from the previous outer step's solution."""
+    """Start cg or minres from the previous outer step's solution."""
     neumann_step: float = 0.1
     """α in v = α Σ_k (I - αA)^k b; needs α < 2 / λ_max(A) to converge."""
     warn: bool = True
@@ -91,6 +95,40 @@ def conjugate_gradient(
         p, rs = r + (rs_new / rs) * p, rs_new
         iterations += 1
     return x, SolveInfo(float(rs.sqrt()) / b_norm, iterations, float(rs.sqrt()) <= tol * b_norm)
+
+
+def minres(
+    matvec: MatVec, b: torch.Tensor, x0: torch.Tensor | None, tol: float, max_iter: int
+) -> tuple[torch.Tensor, SolveInfo]:
+    """scipy's MINRES for symmetric A (definite or not), from x0 (zeros if None), in float64.
+    b, x0 [P] -> v [P]. Costs max_iter + 2 products: the start's residual and the final one."""
+    b_norm = float(b.norm())
+    if b_norm == 0:
+        return torch.zeros_like(b), SolveInfo(0.0, 0, True)
+    operator = scipy.sparse.linalg.LinearOperator(
+        (len(b), len(b)),
+        lambda v: matvec(torch.as_tensor(v, dtype=b.dtype)).double().numpy(),
+        dtype=np.float64,
+    )
+    iterations = 0
+
+    def count(_) -> None:
+        nonlocal iterations
+        iterations += 1
+
+    solution, _ = scipy.sparse.linalg.minres(
+        operator,
+        b.double().numpy(),
+        x0=None if x0 is None else x0.double().numpy(),
+        rtol=1e-3 * tol,  # scipy's test is relative to ‖A‖‖x‖ + ‖b‖, looser than ‖b‖
+        maxiter=max_iter,
+        callback=count,
+    )
+    v = torch.as_tensor(solution, dtype=b.dtype)
+    residual = float((b - matvec(v)).norm()) / b_norm
+    if not math.isfinite(residual):
+        raise FloatingPointError(f"MINRES: the Hessian-vector product is not finite ({residual})")
+    return v, SolveInfo(residual, iterations, residual <= tol)
 
 
 def neumann(
