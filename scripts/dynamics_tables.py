@@ -50,6 +50,8 @@ def dataset_order(name: str) -> tuple[str, bool, str]:
 
 
 def cell(values: pd.Series, digits: int = 3) -> str:
+    if values.isna().all():
+        return "–"
     return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
 
 
@@ -70,14 +72,18 @@ def dataset_table(rows: pd.DataFrame) -> str:
 
 
 def paired(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per row: rmse / mse's and nll - nll's on the same dataset and seed."""
+    """Per row: rmse / mse's and nll - nll's on the same dataset and seed (NaN where that run has
+    not finished)."""
     keys = ["dataset", "seed"]
-    reference = rows.set_index(["strategy", *keys])
-    mse, nll = reference.loc["mse"], reference.loc["nll"]
     index = pd.MultiIndex.from_frame(rows[keys])
+
+    def reference(strategy: str, metric: str):
+        part = rows[rows["strategy"] == strategy].set_index(keys)[metric]
+        return part.reindex(index).to_numpy()
+
     return rows.assign(
-        ratio=rows["rmse"].to_numpy() / mse["rmse"].reindex(index).to_numpy(),
-        gap=rows["nll"].to_numpy() - nll["nll"].reindex(index).to_numpy(),
+        ratio=rows["rmse"].to_numpy() / reference("mse", "rmse"),
+        gap=rows["nll"].to_numpy() - reference("nll", "nll"),
     )
 
 
@@ -96,43 +102,68 @@ def summary_table(rows: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def bar_figure(rows: pd.DataFrame, path: Path) -> None:
+def bar_figure(rows: pd.DataFrame, path: Path, limits=((0.85, 3.6), (-0.35, 2.8))) -> None:
     """One panel per dataset: each strategy's nll - nll(nll) against rmse / mse (mean ± std over
-    seeds), with the issue's bar (rmse / mse <= 1.05, gap <= 0.1) as dashed lines."""
+    seeds), with the issue's bar (rmse / mse <= 1.05, gap <= 0.1) as dashed lines. The axes keep
+    `limits` ((x0, x1), (y0, y1)) so the bar's corner stays readable; a strategy beyond them is
+    drawn as an arrow at the edge, labelled with its values."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.lines
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = paired(rows)
     datasets = list(dict.fromkeys(rows["dataset"]))
     strategies = list(dict.fromkeys(rows["strategy"]))
     colours = plt.get_cmap("tab20")
+    (x0, x1), (y0, y1) = limits
     figure, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 4.2), squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
-        ax.axvline(1.05, color="green", ls="--", lw=1, label="the bar: below and left")
+        ax.axvline(1.05, color="green", ls="--", lw=1)
         ax.axhline(0.1, color="green", ls="--", lw=1)
         for index, strategy in enumerate(strategies):
             part = rows[(rows["dataset"] == dataset) & (rows["strategy"] == strategy)]
-            if len(part):
-                ax.errorbar(
-                    part["ratio"].mean(),
-                    part["gap"].mean(),
-                    xerr=part["ratio"].std(ddof=1),
-                    yerr=part["gap"].std(ddof=1),
-                    fmt="o",
-                    color=colours(index),
-                    label=strategy,
-                )
-        ax.set(title=dataset, xlabel="test rmse / mse's")
+            if not len(part):
+                continue
+            x, y = part["ratio"].mean(), part["gap"].mean()
+            style = {"color": colours(index)}
+            if x0 <= x <= x1 and y0 <= y <= y1:
+                xerr, yerr = part["ratio"].std(ddof=1), part["gap"].std(ddof=1)
+                ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", **style)
+                continue
+            marker = ">" if x > x1 else "^" if y > y1 else "o"
+            edge = (min(max(x, x0), x1), min(max(y, y0), y1))
+            ax.plot(*edge, marker=marker, ls="none", **style)
+            ax.annotate(
+                f"{x:.2f}×, {y:+.2f}",
+                edge,
+                fontsize=6,
+                ha="right",
+                xytext=(-4, -8),
+                textcoords="offset points",
+                color=colours(index),
+            )
+        ax.set(
+            title=dataset,
+            xlabel="test rmse / mse's (log scale)",
+            xscale="log",
+            xlim=(x0 * 0.97, x1 * 1.03),
+            ylim=(y0 - 0.05, y1 + 0.05),
+        )
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks([0.9, 1, 1.2, 1.5, 2, 3])
         ax.axhline(0, color="grey", lw=0.5)
     axes[0][0].set_ylabel("test nll − nll training's (nats/dim)")
-    legend = {}
-    for ax in axes[0]:
-        legend.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
-    figure.legend(
-        legend.values(), legend.keys(), loc="center left", bbox_to_anchor=(1, 0.5), fontsize=8
-    )
+    bar = matplotlib.lines.Line2D([], [], color="green", ls="--", lw=1)
+    handles = [bar] + [
+        matplotlib.lines.Line2D([], [], color=colours(i), marker="o", ls="none")
+        for i in range(len(strategies))
+    ]
+    labels = ["the bar: below and left", *strategies]
+    figure.legend(handles, labels, loc="center left", bbox_to_anchor=(1, 0.5), fontsize=8)
     figure.tight_layout()
     figure.savefig(path, bbox_inches="tight", dpi=110)
 
