@@ -56,17 +56,18 @@ def cell(values: pd.Series, digits: int = 3) -> str:
 
 
 def dataset_table(rows: pd.DataFrame) -> str:
-    """Markdown: strategy, rmse, nll, cal1, cal2, rollout_rmse, rmse/mse, nll - nll(nll), seeds."""
+    """Markdown: strategy, rmse, nll, cal1, cal2, rollout_rmse, rmse/mse, nll - nll(nll), the
+    geometric mean of the variance factors when the runs were calibrated (--calibrate), seeds."""
     rows = paired(rows)
-    lines = [
-        "| strategy | rmse | nll | cal1 | cal2 | rollout_rmse | rmse / mse | nll − nll(nll) "
-        "| seeds |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    calibrated = "variance_scale" in rows and (rows["variance_scale"].fillna(1) != 1).any()
+    names = ["rmse", "nll", "cal1", "cal2", "rollout_rmse", "rmse / mse", "nll − nll(nll)"]
+    names += ["variance scale"] if calibrated else []
+    lines = [f"| strategy | {' | '.join(names)} | seeds |", "|---" * (len(names) + 2) + "|"]
     for strategy, group in rows.groupby("strategy", sort=False):
         digits = 4 if group["rmse"].mean() < 0.1 else 3
-        columns = [cell(group[c], digits) for c in ("rmse", "nll", "cal1", "cal2")]
-        columns += [cell(group["rollout_rmse"], digits), cell(group["ratio"]), cell(group["gap"])]
+        columns = [cell(group[c], digits) for c in ("rmse", "nll", "cal1", "cal2", "rollout_rmse")]
+        columns += [cell(group["ratio"]), cell(group["gap"])]
+        columns += [cell(group["variance_scale"], 2)] if calibrated else []
         lines.append(f"| {strategy} | {' | '.join(columns)} | {len(group)} |")
     return "\n".join(lines)
 

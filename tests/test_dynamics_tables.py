@@ -60,3 +60,18 @@ def test_summary_shows_a_dash_where_a_strategy_or_reference_is_missing(tables, t
 
     assert lines[2] == "| mse | 1.00 ± 0.00 | 1.50 ± 0.71 | 1.00 ± 0.00 | – |"
     assert lines[3] == "| nll | 2.25 ± 1.06 | 0.00 ± 0.00 | – | – |"
+
+
+def test_calibrated_runs_get_a_variance_scale_column(tables, tmp_path):
+    write_run(tmp_path, "a-random", "mse", [(1.0, 0.0), (2.0, 0.0)])
+    write_run(tmp_path, "a-random", "nll", [(3.0, -1.0), (3.0, -2.0)])
+    plain = tables.dataset_table(tables.load(tmp_path)).splitlines()
+    assert "variance scale" not in plain[0] and plain[1].count("|---") == 9
+
+    metrics = next(tmp_path.glob("*nll*/metrics.csv"))
+    pd.read_csv(metrics).assign(variance_scale=[0.5, 0.7]).to_csv(metrics, index=False)
+    lines = tables.dataset_table(tables.load(tmp_path)).splitlines()
+    assert lines[0].endswith("| nll − nll(nll) | variance scale | seeds |")
+    assert lines[1].count("|---") == 10
+    assert lines[3].endswith("| 0.60 ± 0.14 | 2 |")  # nll; mse's row shows "–"
+    assert lines[2].endswith("| – | 2 |")
