@@ -77,11 +77,24 @@ class GaussianEnsemble(nn.Module):
 
     def normalised_head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance [E, B, D] of the normalised targets for x [B, in] or [E, B, in]."""
+        output = torch.baddbmm(self.biases[-1], self.trunk(x), self.weights[-1])
+        mean, raw = output.chunk(2, dim=-1)
+        return mean, soft_bound(raw, self.min_log_var, self.max_log_var)
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden layer [E, B, H] for x [B, in] or [E, B, in]: the features the output
+        layer's mean half and log-variance half share."""
         h = (x - self.input_mean) / self.input_std
         if h.ndim == 2:
             h = h.expand(self.members, *h.shape)
-        mean, raw = stacked_mlp(h, self.weights, self.biases).chunk(2, dim=-1)
-        return mean, soft_bound(raw, self.min_log_var, self.max_log_var)
+        return F.silu(stacked_mlp(h, self.weights[:-1], self.biases[:-1]))
+
+    def log_variance_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Normalised log-variance [E, B, D] from trunk features [E, B, H]: the output layer's
+        log-variance half, softly bounded."""
+        half = self.out_dim
+        raw = torch.baddbmm(self.biases[-1][..., half:], features, self.weights[-1][..., half:])
+        return soft_bound(raw, self.min_log_var, self.max_log_var)
 
     def forward(self, x: torch.Tensor) -> Independent:
         mean, log_var = self.normalised_head(x)
@@ -257,7 +270,9 @@ class EnsembleLearner:
     `update` (solvers.updates: FixedReward, PluginRefresh, ImplicitRefresh) adapts the reward of
     a PG loss: `update.start(view, train, val)` with normalised data at the start of each fit,
     `update(step, view)` after every step; its latest scalars (`update.last`: reward/,
-    solver/) join fit's return value.
+    solver/) join fit's return value. `finish(ensemble, train, generator) -> metrics`
+    (variance_head.VarianceHeadFit), if given, runs after the fit and before the elites are
+    chosen, on the normalised training split.
     """
 
     def __init__(
@@ -271,9 +286,10 @@ class EnsembleLearner:
         progress: bool | None = None,
         description: str = "ensemble",
         update=None,
+        finish=None,
     ):
         self.loss = LogVarPenalty(loss, penalty) if penalty > 0 else loss
-        self.update = update
+        self.update, self.finish = update, finish
         self.config, self.bootstrap, self.seed = config, bootstrap, seed
         self.writer, self.progress, self.description = writer, progress, description
         self.global_step = 0
@@ -309,6 +325,8 @@ class EnsembleLearner:
             on_step=self.update,
         )
         self.global_step += self.config.steps
+        if self.finish is not None:
+            result.metrics |= self.finish(ensemble, train_n, generator)
         if val is not None:
             scores = ensemble.select_elites(val, self.config.select_on)
             result.metrics["val/elite_score"] = float(scores[ensemble.elite_mask].mean())

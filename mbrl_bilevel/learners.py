@@ -13,7 +13,9 @@ normalised target units:
 - pg-plugin-input: U(x) = (λ/2)diag(σ̂²(x))⁻¹, σ̂²(x) a small MLP regression of the model's
   held-out squared residuals on x, refreshed (PG then learns a heteroscedastic variance);
 - pg-plugin-input-beta: the same reward, each input's and dimension's term of J weighted by
-  σ̂²(x)^β (losses.BetaPGLoss: the mean no longer weighted by U(x), as β-NLL does for NLL);
+  σ̂²(x)^β (losses.BetaPGLoss: the mean no longer weighted by U(x), as β-NLL does for NLL),
+  then the variance phase (variance_head.VarianceHeadFit: the log-variance head alone fitted
+  to the unweighted variance part of J, trunk and means frozen);
 - bilevel: a diagonal U learned by implicit differentiation of the held-out NLL;
 - bilevel-input: an input-dependent U(x) learned the same way.
 """
@@ -52,6 +54,7 @@ from mbrl_bilevel.solvers.updates import (
 )
 from mbrl_bilevel.training import FitConfig
 from mbrl_bilevel.validation import ConfigError, check_positive
+from mbrl_bilevel.variance_head import VarianceHeadFit
 
 FIXED_REWARDS = ("pg-identity", "pg-scaled", "pg-raw-sigma")
 DYNAMICS_LOSSES = (
@@ -190,7 +193,9 @@ def make_dynamics_learner(
     `strategy` (DYNAMICS_LOSSES or an alias). Early stopping and elites use held-out RMSE for mse,
     NLL otherwise; mse trains no variance, so it gets no log-variance penalty."""
     strategy = check_strategy(strategy)
+    options = options or PGOptions()
     loss, update = make_loss(strategy, in_dim, out_dim, seed, options)
+    finish = VarianceHeadFit(update, options.lam) if strategy == "pg-plugin-input-beta" else None
     config = dataclasses.replace(config, select_on="rmse" if strategy == "mse" else "nll")
     return EnsembleLearner(
         loss,
@@ -201,4 +206,5 @@ def make_dynamics_learner(
         progress=progress,
         description=f"model ({strategy})",
         update=update,
+        finish=finish,
     )

@@ -168,7 +168,7 @@ class InputPluginRefresh:
         self.val = _require_val(val, "the heteroscedastic plug-in reward")
         if self.refreshes == 0:
             self.reward.fit_normaliser(train.x)
-        self._refresh(predictor)
+        self.refresh(predictor)
 
     def _level(self, squared: torch.Tensor) -> torch.Tensor:
         """Add to each dimension's log U the constant that minimises the residual NLL; returns
@@ -183,7 +183,8 @@ class InputPluginRefresh:
         log_u = self.reward.log_diagonal_at(self.val.x)
         return (2 / self.lam * squared * log_u.exp() - log_u).mean() + math.log(0.5 * self.lam)
 
-    def _refresh(self, predictor: nn.Module) -> None:
+    def refresh(self, predictor: nn.Module) -> None:
+        """Refit σ̂²(x) to the held-out residuals of `predictor` now."""
         with torch.no_grad():
             mean = predictor(self.val.x).mean
             squared = (self.val.y - mean).pow(2).reshape(-1, *self.val.y.shape).mean(0)
@@ -202,7 +203,7 @@ class InputPluginRefresh:
     def __call__(self, step: int, predictor: nn.Module) -> dict[str, float]:
         if step % self.every:
             return {}
-        self._refresh(predictor)
+        self.refresh(predictor)
         return self.last
 
     def state_dict(self) -> dict:

@@ -1,0 +1,68 @@
+"""The variance phase of β-weighted PG (`pg-plugin-input-beta`): after the fit, with the trunk and
+the means frozen, each member's log-variance head (the output layer's second half and the soft
+log-variance bounds) maximises the variance's part of PG's J under the plug-in reward U(x):
+
+    min_s  E_x Σ_d [u_d(x) s_d²(x) - (λ/2) log s_d²(x)] + penalty · (Σ max_log_var - Σ min_log_var),
+
+which is -J's dependence on the variance for a Gaussian under r = -(ŷ - y)ᵀU(x)(ŷ - y), in
+closed form (no samples, no targets), with the same optimum s²(x) = (λ/2)/u(x) (SPEC 2).
+
+Why: during the fit, the β weights w = σ̂²(x)^β multiply the variance's part of J too, so at
+low-noise inputs the variances hardly learn and stay far above σ̂²(x); unweighting that part
+during the fit lets the variance gradient reshape the shared trunk and costs the mean's RMSE.
+Fitting the head alone afterwards keeps the means and gives the variances the plug-in's shape
+(docs/dynamics.md, "The variance phase").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mbrl_bilevel.data import Dataset
+from mbrl_bilevel.ensemble import GaussianEnsemble, NormalisedTargets
+from mbrl_bilevel.solvers.updates import InputPluginRefresh
+from mbrl_bilevel.validation import ConfigError
+
+
+class VarianceHeadFit:
+    """`fit(ensemble, train, generator)`: refresh the plug-in at the ensemble's final weights, then
+    `steps` Adam steps (lr, minibatches of `batch_size` training inputs shared by the members) on
+    the objective above; returns its last value as {"variance_head/objective": float}. `train` is
+    in normalised target units (only its inputs are used)."""
+
+    def __init__(
+        self,
+        update: InputPluginRefresh,
+        lam: float,
+        steps: int = 3000,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        penalty: float = 0.01,
+    ):
+        if steps <= 0 or batch_size <= 0:
+            raise ConfigError(f"steps and batch_size must be > 0, got {steps}, {batch_size}")
+        self.update, self.lam, self.steps = update, lam, steps
+        self.batch_size, self.lr, self.penalty = batch_size, lr, penalty
+
+    def __call__(
+        self, ensemble: GaussianEnsemble, train: Dataset, generator: torch.Generator
+    ) -> dict[str, float]:
+        self.update.refresh(NormalisedTargets(ensemble))
+        reward = self.update.reward
+        head = [ensemble.weights[-1], ensemble.biases[-1]]
+        bounds = [ensemble.min_log_var, ensemble.max_log_var]
+        optimizer = torch.optim.Adam(head + bounds, lr=self.lr)  # the mean half gets no gradient
+        for _ in range(self.steps):
+            rows = torch.randint(
+                len(train), (min(self.batch_size, len(train)),), generator=generator
+            )
+            x = train.x[rows]
+            with torch.no_grad():
+                features, u = ensemble.trunk(x), reward.log_diagonal_at(x).exp()
+            log_var = ensemble.log_variance_head(features)
+            objective = (u * log_var.exp() - 0.5 * self.lam * log_var).sum(-1).mean()
+            loss = objective + self.penalty * ensemble.log_var_penalty()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return {"variance_head/objective": objective.item()}
