@@ -82,6 +82,9 @@ class DynamicsConfig:
     """Adam learning rate of the bilevel reward parameters."""
     beta: float = 0.5
     """β of nll-beta and pg-plugin-input-beta (weights: variances to the power β)."""
+    variance_phase: bool = True
+    """pg-plugin-input-beta, default protocol: after the fit, fit the members' log-variance heads
+    alone to the plug-in's variances (variance_head.py)."""
     steps: int | None = None
     """Gradient steps; none: 400 (paper) or 4000 with early stopping (default)."""
     lr: float = 1e-3
@@ -181,6 +184,7 @@ def pg_options(config: DynamicsConfig) -> PGOptions:
         refresh_every=config.refresh_every,
         outer_lr=config.outer_lr,
         beta=config.beta,
+        variance_phase=config.variance_phase,
     )
 
 

@@ -92,6 +92,8 @@ class PGOptions:
     """Rows of each split in one bilevel hypergradient."""
     beta: float = 0.5
     """β of nll-beta and pg-plugin-input-beta (the weights are variances to the power β)."""
+    variance_phase: bool = True
+    """pg-plugin-input-beta: fit the log-variance heads after the fit (variance_head.py)."""
 
     def __post_init__(self):
         check_positive(self.lam, "λ")
@@ -195,7 +197,8 @@ def make_dynamics_learner(
     strategy = check_strategy(strategy)
     options = options or PGOptions()
     loss, update = make_loss(strategy, in_dim, out_dim, seed, options)
-    finish = VarianceHeadFit(update, options.lam) if strategy == "pg-plugin-input-beta" else None
+    phase = strategy == "pg-plugin-input-beta" and options.variance_phase
+    finish = VarianceHeadFit(update, options.lam) if phase else None
     config = dataclasses.replace(config, select_on="rmse" if strategy == "mse" else "nll")
     return EnsembleLearner(
         loss,

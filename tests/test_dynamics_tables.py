@@ -18,11 +18,13 @@ def tables():
     return module
 
 
-def write_run(sweep: Path, dataset: str, strategy: str, values, estimator="score", beta=0.5):
+def write_run(
+    sweep: Path, dataset: str, strategy: str, values, estimator="score", beta=0.5, **options
+):
     """A finished run folder: config.json and metrics.csv with (rmse, nll) per seed."""
-    run = sweep / f"{dataset},{strategy},{estimator},{beta}"
+    run = sweep / f"{dataset},{strategy},{estimator},{beta},{options}"
     run.mkdir(parents=True)
-    config = {"dataset": f"data/{dataset}.npz", "estimator": estimator, "beta": beta}
+    config = {"dataset": f"data/{dataset}.npz", "estimator": estimator, "beta": beta} | options
     (run / "config.json").write_text(json.dumps(config))
     rows = [
         {"strategy": strategy, "seed": seed, "rmse": rmse, "nll": nll}
@@ -75,3 +77,10 @@ def test_calibrated_runs_get_a_variance_scale_column(tables, tmp_path):
     assert lines[1].count("|---") == 10
     assert lines[3].endswith("| 0.60 ± 0.14 | 2 |")  # nll; mse's row shows "–"
     assert lines[2].endswith("| – | 2 |")
+
+
+def test_beta_weighted_pg_without_its_variance_phase_is_labelled(tables, tmp_path):
+    for phase in (True, False):
+        write_run(tmp_path, "a", "pg-plugin-input-beta", [(1.0, 0.0)], variance_phase=phase)
+    labels = set(tables.load(tmp_path)["strategy"])
+    assert labels == {"pg-plugin-input-beta", "pg-plugin-input-beta without variance phase"}

@@ -267,3 +267,7 @@ def test_variance_phase_keeps_the_means_and_brings_the_variances_to_the_plugin()
     assert set(metrics) == {"variance_head/objective"}
     assert torch.equal(view(train.x).mean, means)
     assert distance_to_plugin() < 0.6 * before  # 0.18 -> 0.09 here
+    without = PGOptions(variance_phase=False)
+    assert (
+        make_dynamics_learner("pg-plugin-input-beta", config, 1, 2, options=without).finish is None
+    )
