@@ -249,6 +249,10 @@ def bootstrap_batches(
             yield Dataset(data.x[index], data.y[index])
 
 
+LOG_VAR_PENALTY = 0.01
+"""Default weight of the log-variance bound penalty (PETS')."""
+
+
 class LogVarPenalty:
     """Wrap a loss: add weight · (Σ max_log_var - Σ min_log_var) of the ensemble behind `predictor`."""
 
@@ -279,7 +283,7 @@ class EnsembleLearner:
         self,
         loss: Loss,
         config: FitConfig,
-        penalty: float = 0.01,
+        penalty: float = LOG_VAR_PENALTY,
         bootstrap: bool = True,
         seed: int = 0,
         writer=None,

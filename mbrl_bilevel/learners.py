@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from mbrl_bilevel.data import Dataset
-from mbrl_bilevel.ensemble import EnsembleLearner
+from mbrl_bilevel.ensemble import LOG_VAR_PENALTY, EnsembleLearner
 from mbrl_bilevel.gaussian import optimal_reward_matrix, residual_covariance, scaled_reward_scalar
 from mbrl_bilevel.losses import (
     BASELINES,
@@ -203,7 +203,7 @@ def make_dynamics_learner(
     return EnsembleLearner(
         loss,
         config,
-        penalty=0.0 if strategy == "mse" else 0.01,
+        penalty=0.0 if strategy == "mse" else LOG_VAR_PENALTY,
         seed=seed,
         writer=writer,
         progress=progress,

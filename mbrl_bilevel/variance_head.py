@@ -19,16 +19,17 @@ from __future__ import annotations
 import torch
 
 from mbrl_bilevel.data import Dataset
-from mbrl_bilevel.ensemble import GaussianEnsemble, NormalisedTargets
+from mbrl_bilevel.ensemble import LOG_VAR_PENALTY, GaussianEnsemble, NormalisedTargets
 from mbrl_bilevel.solvers.updates import InputPluginRefresh
 from mbrl_bilevel.validation import ConfigError
 
 
 class VarianceHeadFit:
-    """`fit(ensemble, train, generator)`: refresh the plug-in at the ensemble's final weights, then
-    `steps` Adam steps (lr, minibatches of `batch_size` training inputs shared by the members) on
-    the objective above; returns its last value as {"variance_head/objective": float}. `train` is
-    in normalised target units (only its inputs are used)."""
+    """Called as (ensemble, train, generator): refresh the plug-in at the ensemble's final
+    weights, then `steps` Adam steps (lr, minibatches of `batch_size` training inputs shared by
+    the members) on the objective above; returns its last value as
+    {"variance_head/objective": float}. `train` is in normalised target units (only its inputs
+    are used)."""
 
     def __init__(
         self,
@@ -37,7 +38,7 @@ class VarianceHeadFit:
         steps: int = 3000,
         batch_size: int = 256,
         lr: float = 1e-3,
-        penalty: float = 0.01,
+        penalty: float = LOG_VAR_PENALTY,
     ):
         if steps <= 0 or batch_size <= 0:
             raise ConfigError(f"steps and batch_size must be > 0, got {steps}, {batch_size}")
