@@ -14,6 +14,8 @@ Two coordinate systems:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Iterator, Sequence
 
@@ -276,7 +278,10 @@ class EnsembleLearner:
     `update(step, view)` after every step; its latest scalars (`update.last`: reward/,
     solver/) join fit's return value. `finish(ensemble, train, generator) -> metrics`
     (variance_head.VarianceHeadFit), if given, runs after the fit and before the elites are
-    chosen, on the normalised training split.
+    chosen, on the normalised training split; the fit then validates with
+    `finish.validate(view, val=...) -> {"val/<finish.select_on>": ...}` and keeps the weights
+    best on that metric (the model as the finish step will deliver it), while the elites are
+    still chosen on config.select_on.
     """
 
     def __init__(
@@ -314,12 +319,17 @@ class EnsembleLearner:
             batches = bootstrap_batches(
                 train_n, ensemble.members, self.config.batch_size, generator
             )
+        config, monitor = self.config, None
+        if self.finish is not None and val_n is not None:
+            config = dataclasses.replace(config, select_on=self.finish.select_on)
+            monitor = functools.partial(self.finish.validate, val=val_n)
         result = fit(
             view,
             self.loss,
             train_n,
             val_n,
-            self.config,
+            config,
+            monitor=monitor,
             batches=batches,
             writer=self.writer,
             step_offset=self.global_step,

@@ -17,6 +17,7 @@ Fitting the head alone afterwards keeps the means and gives the variances the pl
 from __future__ import annotations
 
 import torch
+from torch.distributions import Normal
 
 from mbrl_bilevel.data import Dataset
 from mbrl_bilevel.ensemble import LOG_VAR_PENALTY, GaussianEnsemble, NormalisedTargets
@@ -46,6 +47,21 @@ class VarianceHeadFit:
             raise ConfigError(f"steps and batch_size must be > 0, got {steps}, {batch_size}")
         self.update, self.lam, self.steps = update, lam, steps
         self.batch_size, self.lr, self.penalty = batch_size, lr, penalty
+
+    select_on = "plugin_nll"
+    """The fit's validation metric for early stopping and the best weights (see validate)."""
+
+    @torch.no_grad()
+    def validate(self, view: NormalisedTargets, val: Dataset) -> dict[str, float]:
+        """{"val/plugin_nll": float}: the members' NLL per sample on `val` (normalised targets)
+        with their own means and the plug-in's variances (λ/2)/u(x), which the phase will copy:
+        the fit is judged on the model it will deliver, not on the variances the phase replaces
+        (judged on those, β = 0.75 stopped at ~2800 of 4000 steps on Hopper medium with the
+        validation RMSE still falling)."""
+        mean = view(val.x).mean
+        variance = (0.5 * self.lam) / self.update.reward.log_diagonal_at(val.x).exp()
+        log_prob = Normal(mean, variance.sqrt(), validate_args=False).log_prob(val.y)
+        return {f"val/{self.select_on}": float(-log_prob.sum(-1).mean())}
 
     def __call__(
         self, ensemble: GaussianEnsemble, train: Dataset, generator: torch.Generator

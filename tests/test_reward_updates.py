@@ -271,3 +271,48 @@ def test_variance_phase_keeps_the_means_and_brings_the_variances_to_the_plugin()
     assert (
         make_dynamics_learner("pg-plugin-input-beta", config, 1, 2, options=without).finish is None
     )
+
+
+def test_variance_phase_validates_the_means_with_the_plugins_variances():
+    """VarianceHeadFit.validate under a constant plug-in U = diag(u): the members' Gaussian NLL
+    with variances (λ/2)/u, in closed form; the members' own variances play no part."""
+    torch.manual_seed(0)
+    ensemble = GaussianEnsemble(1, 2, members=3, elites=2, hidden=(8,))
+    learner = make_dynamics_learner("pg-plugin-input-beta", FitConfig(), 1, 2, options=PGOptions())
+    phase, u, lam = learner.finish, torch.tensor([4.0, 0.25]), PGOptions().lam
+    phase.update.reward.set_constant(torch.diag(u))
+    val, view = hetero_data(500, 3), NormalisedTargets(ensemble)
+    mean = view(val.x).mean.detach()  # [E, B, D]
+    variance = 0.5 * lam / u
+    expected = (0.5 * (2 * math.pi * variance).log() + (val.y - mean) ** 2 / (2 * variance)).sum(-1)
+    value = phase.validate(view, val)["val/plugin_nll"]
+    assert value == pytest.approx(float(expected.mean()), rel=1e-5)
+    with torch.no_grad():
+        ensemble.max_log_var.fill_(-3.0)  # the members' variances change, the value does not
+    assert phase.validate(view, val)["val/plugin_nll"] == pytest.approx(value, rel=1e-6)
+
+
+def test_with_the_variance_phase_the_fit_keeps_the_weights_best_on_the_plugin_nll():
+    """EnsembleLearner with a finish step: every validation logs val/plugin_nll, the restored
+    weights are those of its minimum, and the elites are still chosen on NLL."""
+
+    class Scalars:
+        def __init__(self):
+            self.rows: dict[str, dict[int, float]] = {}
+
+        def add_scalar(self, key, value, step):
+            self.rows.setdefault(key, {})[step] = value
+
+    torch.manual_seed(0)
+    train, val = hetero_data(3000, 1), hetero_data(1000, 2)
+    ensemble = GaussianEnsemble(1, 2, members=3, elites=2, hidden=(32, 32))
+    config = FitConfig(steps=600, lr=5e-3, batch_size=256, eval_every=50)
+    writer = Scalars()
+    learner = make_dynamics_learner(
+        "pg-plugin-input-beta", config, 1, 2, writer=writer, options=PGOptions(refresh_every=20)
+    )
+    metrics = learner.fit(ensemble, train, val)
+    plugin = writer.rows["val/plugin_nll"]
+    assert len(plugin) == 600 // 50 and writer.rows["val/nll"].keys() == plugin.keys()
+    assert metrics["best_step"] == min(plugin, key=plugin.get)
+    assert learner.config.select_on == "nll"
