@@ -160,7 +160,7 @@ def bar_figure(rows: pd.DataFrame, path: Path, limits=((0.85, 3.6), (-0.35, 2.8)
         )
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xticks([0.9, 1, 1.2, 1.5, 2, 3])
+        ax.set_xticks([t for t in (0.9, 1, 1.2, 1.5, 2, 3) if x0 <= t <= x1])
         ax.axhline(0, color="grey", lw=0.5)
     axes[0][0].set_ylabel("test nll − nll training's (nats/dim)")
     bar = matplotlib.lines.Line2D([], [], color="green", ls="--", lw=1)
@@ -179,10 +179,19 @@ def main() -> None:
     parser.add_argument("sweep", type=Path, help="the sweep folder, e.g. runs/dynamics-benchmark")
     parser.add_argument("--summary", action="store_true", help="one row per strategy instead")
     parser.add_argument("--figure", type=Path, help="also save the rmse/nll scatter there")
+    parser.add_argument(
+        "--limits",
+        type=float,
+        nargs=4,
+        default=(0.85, 3.6, -0.35, 2.8),
+        metavar=("X0", "X1", "Y0", "Y1"),
+        help="the figure's axes: rmse / mse from X0 to X1, nll gap from Y0 to Y1",
+    )
     args = parser.parse_args()
     rows = load(args.sweep)
     if args.figure:
-        bar_figure(rows, args.figure)
+        x0, x1, y0, y1 = args.limits
+        bar_figure(rows, args.figure, limits=((x0, x1), (y0, y1)))
     if args.summary:
         print(summary_table(rows))
         return
