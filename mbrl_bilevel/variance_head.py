@@ -34,6 +34,9 @@ class VarianceHeadFit:
     minibatches draw: N' = min(N, steps · batch_size) rows, E · N' · H floats (200 MB for
     E = 7, N' = 35k, H = 200)."""
 
+    select_on = "plugin_nll"
+    """The fit's validation metric for early stopping and the best weights (see validate)."""
+
     def __init__(
         self,
         update: InputPluginRefresh,
@@ -48,16 +51,14 @@ class VarianceHeadFit:
         self.update, self.lam, self.steps = update, lam, steps
         self.batch_size, self.lr, self.penalty = batch_size, lr, penalty
 
-    select_on = "plugin_nll"
-    """The fit's validation metric for early stopping and the best weights (see validate)."""
-
     @torch.no_grad()
     def validate(self, view: NormalisedTargets, val: Dataset) -> dict[str, float]:
         """{"val/plugin_nll": float}: the members' NLL per sample on `val` (normalised targets)
         with their own means and the plug-in's variances (λ/2)/u(x), which the phase will copy:
         the fit is judged on the model it will deliver, not on the variances the phase replaces
         (judged on those, β = 0.75 stopped at ~2800 of 4000 steps on Hopper medium with the
-        validation RMSE still falling)."""
+        validation RMSE still falling). σ̂²(x) is regressed on this split's residuals, so the
+        value is slightly optimistic; it only compares the fit's steps with one another."""
         mean = view(val.x).mean
         variance = (0.5 * self.lam) / self.update.reward.log_diagonal_at(val.x).exp()
         log_prob = Normal(mean, variance.sqrt(), validate_args=False).log_prob(val.y)
