@@ -1,14 +1,17 @@
 import pytest
 import torch
 
+from mbrl_bilevel.gaussian import expected_mahalanobis_reward
 from mbrl_bilevel.rewards import (
     CholeskyMahalanobis,
+    DiagonalInputMahalanobis,
     DiagonalMahalanobis,
     FixedMahalanobis,
     InputDependentMahalanobis,
     OneHotReward,
     ScalarMahalanobis,
     make_mahalanobis,
+    quadratic_form,
 )
 from mbrl_bilevel.validation import ConfigError
 
@@ -26,6 +29,61 @@ def test_reward_shapes_and_value(kind, reward_matrix3):
     assert reward(y_hat[0], y).shape == (4,)
     d = y_hat[1, 2] - y[2]
     assert torch.allclose(r[1, 2], -(d @ initial @ d))
+
+
+@pytest.mark.parametrize(
+    "diff_shape, matrix_shape",
+    [
+        ((4, 3), (3, 3)),  # constant U
+        ((5, 4, 3), (3, 3)),
+        ((4, 3), (4, 3, 3)),  # U(x) per row
+        ((5, 4, 3), (4, 3, 3)),  # samples [G] in front of the rows
+        ((5, 2, 4, 3), (2, 4, 3, 3)),  # samples in front of ensemble members and rows
+        ((5, 2, 4, 3), (4, 3, 3)),  # U(x) shared by the members
+        ((5, 1, 4, 3), (2, 4, 3, 3)),  # diff broadcasting over the members
+    ],
+)
+def test_quadratic_form_matches_each_row(diff_shape, matrix_shape):
+    """dᵀ U d, and ‖dᵀ L‖² for a factor (U = L Lᵀ), equal the per-element sum over i, j."""
+    generator = torch.Generator().manual_seed(0)
+    diff = torch.randn(diff_shape, generator=generator, dtype=torch.float64)
+    factor = torch.randn(matrix_shape, generator=generator, dtype=torch.float64).tril()
+    matrix = factor @ factor.transpose(-2, -1)
+    expected = torch.einsum("...i,...ij,...j->...", diff, matrix, diff)
+    torch.testing.assert_close(quadratic_form(diff, matrix), expected)
+    torch.testing.assert_close(quadratic_form(diff, factor, factor=True), expected)
+
+
+def test_input_dependent_reward_is_minus_the_quadratic_form_of_its_matrix(reward_matrix3):
+    """forward (through the Cholesky factor L(x)) equals -dᵀ U(x) d with U(x) = matrix_at(x)."""
+    torch.manual_seed(0)
+    reward = InputDependentMahalanobis(4, reward_matrix3.float()).double()
+    with torch.no_grad():
+        reward.net[-1].weight.normal_(0, 0.3)
+    x, y = torch.randn(2, 6, 4, dtype=torch.float64), torch.randn(2, 6, 3, dtype=torch.float64)
+    y_hat = torch.randn(5, 2, 6, 3, dtype=torch.float64)
+    expected = -torch.einsum("gebi,ebij,gebj->geb", y_hat - y, reward.matrix_at(x), y_hat - y)
+    torch.testing.assert_close(reward(y_hat, y, x), expected)
+
+
+@pytest.mark.parametrize("x_shape", [(6, 4), (2, 6, 4)])
+def test_expected_reward_of_a_diagonal_gaussian_is_the_closed_form(reward_matrix3, x_shape):
+    """reward.expected(μ, var, y, x) = -(μ - y)ᵀU(μ - y) - tr(U diag(var)) for every reward kind,
+    with ensemble-shaped means [E, B, D] and inputs [B, in] or [E, B, in]."""
+    torch.manual_seed(0)
+    dependent = InputDependentMahalanobis(4, reward_matrix3.float()).double()
+    diagonal = DiagonalInputMahalanobis(4, torch.diag(reward_matrix3.diagonal()).float()).double()
+    with torch.no_grad():
+        for reward in (dependent, diagonal):
+            reward.net[-1].weight.normal_(0, 0.3)
+    rewards = (FixedMahalanobis(reward_matrix3), make_mahalanobis("diag", reward_matrix3).double())
+    mean, variance = torch.randn(2, 6, 3, dtype=torch.float64), torch.rand(2, 6, 3).double()
+    x, y = torch.randn(x_shape, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    for reward in (*rewards, dependent, diagonal):
+        expected = expected_mahalanobis_reward(
+            mean, torch.diag_embed(variance), y, reward.matrix_at(x)
+        )
+        torch.testing.assert_close(reward.expected(mean, variance, y, x), expected)
 
 
 def test_learnable_rewards_stay_spd_and_have_gradients(reward_matrix3):

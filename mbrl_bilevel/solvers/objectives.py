@@ -21,6 +21,7 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from torch.distributions import Independent, Normal
 
 from mbrl_bilevel.gaussian import expected_mahalanobis_reward
 from mbrl_bilevel.models import covariance
@@ -37,14 +38,21 @@ class Objective(Protocol):
 
 class GaussianClosedForm:
     """J = mean_b [-(μ - y)ᵀU(μ - y) - tr(U S) + λ H(N(μ, S))] with U = reward.matrix_at(x); the
-    entropy comes from the distribution (no per-input log det when S is shared by all inputs)."""
+    entropy comes from the distribution (no per-input log det when S is shared by all inputs).
+    A diagonal S (Independent Normal) takes `reward.expected`, which never builds [D, D] per
+    input where the reward does not need it."""
 
     def __init__(self, lam: float):
         self.lam = check_positive(lam, "entropy weight λ")
 
     def __call__(self, predictor, reward, x, y):
         dist = predictor(x)
-        expected = expected_mahalanobis_reward(dist.mean, covariance(dist), y, reward.matrix_at(x))
+        if isinstance(dist, Independent) and isinstance(dist.base_dist, Normal):
+            expected = reward.expected(dist.mean, dist.variance, y, x)
+        else:
+            expected = expected_mahalanobis_reward(
+                dist.mean, covariance(dist), y, reward.matrix_at(x)
+            )
         return (expected + self.lam * dist.entropy()).mean()
 
 
