@@ -10,6 +10,8 @@ from mbrl_bilevel.models import (
     FullCovGaussianMLP,
     GaussianMLP,
     covariance,
+    lower_cholesky,
+    soft_bound,
 )
 from mbrl_bilevel.training import FitConfig, LossLearner, fit
 from mbrl_bilevel.validation import ConfigError
@@ -22,6 +24,23 @@ def test_predictor_shapes():
     assert covariance(FullCovGaussianMLP(4, 3)(x)).shape == (6, 3, 3)
     assert covariance(GaussianMLP(4, 3)(x)).shape == (6, 3, 3)
     assert CategoricalMLP(4, 7)(x).sample((5,)).shape == (5, 6)
+
+
+def test_lower_cholesky_places_the_entries_row_by_row():
+    """raw [..., D(D+1)/2] fills L's lower triangle row by row; the diagonal is
+    exp(soft_bound(raw)), the strict upper triangle zero; gradients reach every raw entry."""
+    raw = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    chol = lower_cholesky(raw, 3, -1.0, 1.0)
+    expected = torch.zeros(2, 5, 3, 3, dtype=torch.float64)
+    k = 0
+    for i in range(3):
+        for j in range(i + 1):
+            value = raw[..., k]
+            expected[..., i, j] = soft_bound(value, -1.0, 1.0).exp() if i == j else value
+            k += 1
+    torch.testing.assert_close(chol, expected)
+    chol.pow(2).sum().backward()
+    assert bool((raw.grad != 0).all())
 
 
 def test_log_std_is_softly_bounded():
