@@ -108,10 +108,10 @@ def summary_table(rows: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def bar_figure(rows: pd.DataFrame, path: Path, limits=((0.85, 3.6), (-0.35, 2.8))) -> None:
+def bar_figure(rows: pd.DataFrame, path: Path, limits: tuple[float, float, float, float]) -> None:
     """One panel per dataset: each strategy's nll - nll(nll) against rmse / mse (mean ± std over
     seeds), with the issue's bar (rmse / mse <= 1.05, gap <= 0.1) as dashed lines. The axes keep
-    `limits` ((x0, x1), (y0, y1)) so the bar's corner stays readable; a strategy beyond them is
+    `limits` (x0, x1, y0, y1) so the bar's corner stays readable; a strategy beyond them is
     drawn as an arrow at the edge, labelled with its values."""
     import matplotlib
 
@@ -124,7 +124,7 @@ def bar_figure(rows: pd.DataFrame, path: Path, limits=((0.85, 3.6), (-0.35, 2.8)
     datasets = list(dict.fromkeys(rows["dataset"]))
     strategies = list(dict.fromkeys(rows["strategy"]))
     colours = plt.get_cmap("tab20")
-    (x0, x1), (y0, y1) = limits
+    x0, x1, y0, y1 = limits
     figure, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 4.2), squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
         ax.axvline(1.05, color="green", ls="--", lw=1)
@@ -190,8 +190,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = load(args.sweep)
     if args.figure:
-        x0, x1, y0, y1 = args.limits
-        bar_figure(rows, args.figure, limits=((x0, x1), (y0, y1)))
+        bar_figure(rows, args.figure, args.limits)
     if args.summary:
         print(summary_table(rows))
         return
