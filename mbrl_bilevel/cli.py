@@ -14,6 +14,7 @@ import tyro
 
 from agents.commands import EvalConfig, TrainConfig, run_eval, run_train
 from envs.collect_command import CollectConfig, run_collect
+from mbrl_bilevel.allocator import keep_freed_memory
 from mbrl_bilevel.bench import BenchConfig
 from mbrl_bilevel.dynamics import DynamicsConfig
 from mbrl_bilevel.gaussian import GaussianConfig
@@ -132,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args=argv,
     )
     runner = next(run for config_type, run in COMMANDS.values() if isinstance(config, config_type))
+    keep_freed_memory()
     try:
         runner(config)
     except ConfigError as error:

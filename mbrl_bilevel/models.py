@@ -40,7 +40,7 @@ def lower_cholesky(raw: torch.Tensor, dim: int, min_log: float, max_log: float) 
     bounded = soft_bound(raw.index_select(-1, diagonal), min_log, max_log).exp()
     entries = raw.index_copy(-1, diagonal, bounded)
     chol = raw.new_zeros(*raw.shape[:-1], dim * dim)
-    return chol.index_copy(-1, rows * dim + cols, entries).view(*raw.shape[:-1], dim, dim)
+    return chol.index_copy_(-1, rows * dim + cols, entries).view(*raw.shape[:-1], dim, dim)
 
 
 class GaussianMLP(nn.Module):

@@ -4,8 +4,8 @@
     outer:  F(φ)  = NLL(θ*(φ)) on the held-out split (per-sample mean, lower is better)
 
 Implicit (IFT): dF/dφ = -∇²_φθ L · v with (∇²_θθ L + δI) v = ∇_θ NLL, solved from Hessian-vector
-products (torch.func.vjp of ∇_θ L, one graph per outer step) by CG, MINRES, a Neumann series, or a
-dense solve.
+products (double backward through one graph of ∇_θ L per outer step) by CG, MINRES, a Neumann
+series, or a dense solve.
 Unrolled: θ_K = K gradient steps θ ← θ - η ∇_θ L from θ_0, F = NLL(θ_K), differentiated in φ.
 
 θ [P] and φ [Q] are flat vectors; `BilevelProblem` maps them to the modules' parameters.
@@ -14,10 +14,11 @@ Unrolled: θ_K = K gradient steps θ ← θ - η ∇_θ L from θ_0, F = NLL(θ_
 from __future__ import annotations
 
 from collections.abc import Collection
+from functools import partial
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jacfwd, vjp
+from torch.func import functional_call, grad, jacfwd
 
 from mbrl_bilevel.data import Dataset
 from mbrl_bilevel.solvers.linear import (
@@ -123,10 +124,19 @@ class BilevelProblem:
         return grad(self.inner_loss)(theta, phi)
 
     def second_order(self, theta: torch.Tensor, phi: torch.Tensor):
-        """v [P] -> (∇²_θθ L · v [P], ∇²_φθ L · v [Q]): reverse-over-reverse products that reuse one
-        graph of ∇_θ L at (θ, φ) for every v (the Hessian is symmetric, so vᵀH = Hv)."""
-        _, pullback = vjp(self.inner_grad, theta, phi)
-        return pullback
+        """(v [P] -> ∇²_θθ L · v [P], v [P] -> ∇²_φθ L · v [Q]): reverse-over-reverse products
+        that reuse one graph of ∇_θ L at (θ, φ) for every v (the Hessian is symmetric, so
+        vᵀH = Hv). Each product walks only the graph's paths to its own variable, so the many
+        θθ products of a linear solve never pay for the reward's side of the graph (torch.func's
+        vjp would differentiate in both)."""
+        theta, phi = theta.detach().requires_grad_(), phi.detach().requires_grad_()
+        (gradient,) = torch.autograd.grad(self.inner_loss(theta, phi), theta, create_graph=True)
+
+        def product(v: torch.Tensor, wrt: torch.Tensor) -> torch.Tensor:
+            (value,) = torch.autograd.grad(gradient, wrt, v, retain_graph=True)
+            return value.detach()
+
+        return partial(product, wrt=theta), partial(product, wrt=phi)
 
     def hessian(self, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
         """∇²_θθ L [P, P] (small problems only)."""
@@ -143,10 +153,10 @@ def implicit_hypergradient(
     """dF/dφ [Q] by the IFT at θ (assumed ≈ θ*(φ)). Returns (hypergradient, v [P], SolveInfo);
     pass the returned v as `warm` at the next call to warm-start CG or MINRES."""
     rhs = grad(problem.outer_loss)(theta)
-    products = problem.second_order(theta, phi)
+    hessian_product, mixed_product = problem.second_order(theta, phi)
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
-        return products(v)[0] + config.damping * v
+        return hessian_product(v) + config.damping * v
 
     if config.method == "cg":
         v, info = conjugate_gradient(
@@ -167,7 +177,7 @@ def implicit_hypergradient(
         hessian = problem.hessian(theta, phi)
         v, info = dense_solve(hessian + config.damping * torch.eye(len(theta)).to(hessian), rhs)
     check_solution(v, info, config)
-    return -products(v)[1], v, info
+    return -mixed_product(v), v, info
 
 
 def unrolled_hypergradient(
