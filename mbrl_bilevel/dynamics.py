@@ -85,6 +85,9 @@ class DynamicsConfig:
     variance_phase: bool = True
     """pg-plugin-input-beta, default protocol: after the fit, fit the members' log-variance heads
     alone to the plug-in's variances (variance_head.py)."""
+    mean_phase: bool = True
+    """pg-plugin-input-beta, with the variance phase: first refit the members' mean heads by least
+    squares on the frozen trunk (mean_head.py)."""
     steps: int | None = None
     """Gradient steps; none: 400 (paper) or 4000 with early stopping (default)."""
     lr: float = 1e-3
@@ -185,6 +188,7 @@ def pg_options(config: DynamicsConfig) -> PGOptions:
         outer_lr=config.outer_lr,
         beta=config.beta,
         variance_phase=config.variance_phase,
+        mean_phase=config.mean_phase,
     )
 
 

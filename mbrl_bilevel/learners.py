@@ -14,8 +14,9 @@ normalised target units:
   held-out squared residuals on x, refreshed (PG then learns a heteroscedastic variance);
 - pg-plugin-input-beta: the same reward, each input's and dimension's term of J weighted by
   σ̂²(x)^β (losses.BetaPGLoss: the mean no longer weighted by U(x), as β-NLL does for NLL),
-  then the variance phase (variance_head.VarianceHeadFit: the log-variance head alone fitted
-  to the unweighted variance part of J, trunk and means frozen);
+  then the mean phase (mean_head.py: the mean heads refitted by least squares on the frozen
+  trunk) and the variance phase (variance_head.VarianceHeadFit: the log-variance head alone
+  fitted to the unweighted variance part of J, trunk and means frozen);
 - bilevel: a diagonal U learned by implicit differentiation of the held-out NLL;
 - bilevel-input: an input-dependent U(x) learned the same way.
 """
@@ -94,6 +95,9 @@ class PGOptions:
     """β of nll-beta and pg-plugin-input-beta (the weights are variances to the power β)."""
     variance_phase: bool = True
     """pg-plugin-input-beta: fit the log-variance heads after the fit (variance_head.py)."""
+    mean_phase: bool = True
+    """pg-plugin-input-beta: refit the mean heads by least squares first (mean_head.py); a step
+    of the variance phase, so variance_phase=False skips it too."""
 
     def __post_init__(self):
         check_positive(self.lam, "λ")
@@ -198,7 +202,7 @@ def make_dynamics_learner(
     options = options or PGOptions()
     loss, update = make_loss(strategy, in_dim, out_dim, seed, options)
     phase = strategy == "pg-plugin-input-beta" and options.variance_phase
-    finish = VarianceHeadFit(update, options.lam) if phase else None
+    finish = VarianceHeadFit(update, options.lam, mean_phase=options.mean_phase) if phase else None
     config = dataclasses.replace(config, select_on="rmse" if strategy == "mse" else "nll")
     return EnsembleLearner(
         loss,

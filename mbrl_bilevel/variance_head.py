@@ -21,15 +21,17 @@ from torch.distributions import Normal
 
 from mbrl_bilevel.data import Dataset
 from mbrl_bilevel.ensemble import LOG_VAR_PENALTY, GaussianEnsemble, NormalisedTargets
+from mbrl_bilevel.mean_head import refit_mean_head
 from mbrl_bilevel.solvers.updates import InputPluginRefresh
 from mbrl_bilevel.validation import ConfigError
 
 
 class VarianceHeadFit:
-    """Called as (ensemble, train, generator): refresh the plug-in at the ensemble's final
-    weights, then `steps` Adam steps (lr, minibatches of `batch_size` training inputs shared by
+    """Called as (ensemble, train, generator): with `mean_phase`, first the mean phase
+    (mean_head.refit_mean_head: the mean heads refitted by least squares), then refresh the
+    plug-in at the ensemble's weights, then `steps` Adam steps (lr, minibatches of `batch_size` training inputs shared by
     the members) on the objective above; returns its last value as
-    {"variance_head/objective": float}. `train` is in normalised target units (only its inputs
+    {"variance_head/objective": float} (and the mean phase's mean_head/ scalars). `train` is in normalised target units (only its inputs
     are used). The frozen trunk's features and U(x) are computed once for each input the
     minibatches draw: N' = min(N, steps · batch_size) rows, E · N' · H floats (200 MB for
     E = 7, N' = 35k, H = 200)."""
@@ -45,11 +47,13 @@ class VarianceHeadFit:
         batch_size: int = 256,
         lr: float = 1e-3,
         penalty: float = LOG_VAR_PENALTY,
+        mean_phase: bool = True,
     ):
         if steps <= 0 or batch_size <= 0:
             raise ConfigError(f"steps and batch_size must be > 0, got {steps}, {batch_size}")
         self.update, self.lam, self.steps = update, lam, steps
         self.batch_size, self.lr, self.penalty = batch_size, lr, penalty
+        self.mean_phase = mean_phase
 
     @torch.no_grad()
     def validate(self, view: NormalisedTargets, val: Dataset) -> dict[str, float]:
@@ -67,6 +71,7 @@ class VarianceHeadFit:
     def __call__(
         self, ensemble: GaussianEnsemble, train: Dataset, generator: torch.Generator
     ) -> dict[str, float]:
+        metrics = refit_mean_head(ensemble, train) if self.mean_phase else {}
         self.update.refresh(NormalisedTargets(ensemble))
         reward = self.update.reward
         head = [ensemble.weights[-1], ensemble.biases[-1]]
@@ -87,4 +92,4 @@ class VarianceHeadFit:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        return {"variance_head/objective": objective.item()}
+        return metrics | {"variance_head/objective": objective.item()}

@@ -133,7 +133,9 @@ class BilevelProblem:
         (gradient,) = torch.autograd.grad(self.inner_loss(theta, phi), theta, create_graph=True)
 
         def product(v: torch.Tensor, wrt: torch.Tensor) -> torch.Tensor:
-            (value,) = torch.autograd.grad(gradient, wrt, v, retain_graph=True)
+            (value,) = torch.autograd.grad(
+                gradient, wrt, v, retain_graph=True, materialize_grads=True
+            )  # zeros where the graph does not reach `wrt`, as vjp's
             return value.detach()
 
         return partial(product, wrt=theta), partial(product, wrt=phi)

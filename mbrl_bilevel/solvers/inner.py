@@ -52,6 +52,7 @@ class InnerSteps:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def reward_diagnostics(
     reward: nn.Module, x: torch.Tensor, u_star: UStar | None = None
 ) -> dict[str, float]:
