@@ -243,34 +243,55 @@ def test_floor_variances_raises_only_the_variances_below_the_models_reach():
     assert floor_variances(sigma, torch.nn.Linear(1, 1)) is sigma  # no bound: unchanged
 
 
-def test_variance_phase_keeps_the_means_and_brings_the_variances_to_the_plugin():
-    """variance_head.VarianceHeadFit after a short β-weighted fit: the means are untouched and the
-    members' variances move onto the plug-in's σ̂²(x) = (λ/2)/u(x) at the training inputs."""
+def short_beta_fit(options: PGOptions):
+    """A short β-weighted fit without its finish step: (ensemble, finish, train, normalised view)."""
     torch.manual_seed(0)
     train, val = hetero_data(3000, 1), hetero_data(1000, 2)
     ensemble = GaussianEnsemble(1, 2, members=3, elites=2, hidden=(32, 32))
     config = FitConfig(steps=300, lr=5e-3, batch_size=256, eval_every=100)
-    options = PGOptions(refresh_every=20)
     learner = make_dynamics_learner("pg-plugin-input-beta", config, 1, 2, options=options)
     phase, learner.finish = learner.finish, None
     learner.fit(ensemble, train, val)
-    view = NormalisedTargets(ensemble)
+    return ensemble, phase, train, NormalisedTargets(ensemble)
 
-    def distance_to_plugin():
-        """Mean |log(member variance / σ̂²(x))| over members, training inputs and dims."""
-        plugin = math.log(0.5) - phase.update.reward.log_diagonal_at(train.x)
-        return float((view(train.x).base_dist.variance.log() - plugin).abs().mean())
 
+def distance_to_plugin(phase, view, x):
+    """Mean |log(member variance / σ̂²(x))| over members, inputs and dims (λ = 1)."""
+    with torch.no_grad():
+        plugin = math.log(0.5) - phase.update.reward.log_diagonal_at(x)
+        return float((view(x).base_dist.variance.log() - plugin).abs().mean())
+
+
+def test_variance_phase_keeps_the_means_and_brings_the_variances_to_the_plugin():
+    """variance_head.VarianceHeadFit after a short β-weighted fit: the means are untouched and the
+    members' variances move onto the plug-in's σ̂²(x) = (λ/2)/u(x) at the training inputs."""
+    ensemble, phase, train, view = short_beta_fit(PGOptions(refresh_every=20, mean_phase=False))
     phase.update.refresh(view)
-    before, means = distance_to_plugin(), view(train.x).mean.detach().clone()
+    before, means = distance_to_plugin(phase, view, train.x), view(train.x).mean.detach().clone()
     metrics = phase(ensemble, view.normalise(train), torch.Generator().manual_seed(0))
     assert set(metrics) == {"variance_head/objective"}
     assert torch.equal(view(train.x).mean, means)
-    assert distance_to_plugin() < 0.6 * before  # 0.18 -> 0.09 here
+    assert distance_to_plugin(phase, view, train.x) < 0.6 * before  # 0.18 -> 0.09 here
     without = PGOptions(variance_phase=False)
+    config = FitConfig()
     assert (
         make_dynamics_learner("pg-plugin-input-beta", config, 1, 2, options=without).finish is None
     )
+
+
+def test_mean_phase_refits_the_means_first_then_the_variances_follow_the_new_residuals():
+    """The default finish: mean_head.refit_mean_head lowers the members' training error, then
+    the variance phase brings the variances to the plug-in refreshed on the new means."""
+    ensemble, phase, train, view = short_beta_fit(PGOptions(refresh_every=20))
+    normalised = view.normalise(train)
+    phase.update.refresh(view)
+    before = distance_to_plugin(phase, view, train.x)
+    metrics = phase(ensemble, normalised, torch.Generator().manual_seed(0))
+    assert metrics["mean_head/train_rmse"] < metrics["mean_head/train_rmse_before"]
+    with torch.no_grad():
+        rmse = (view(train.x).mean - normalised.y).pow(2).mean().sqrt()
+    assert float(rmse) == pytest.approx(metrics["mean_head/train_rmse"], rel=1e-4)
+    assert distance_to_plugin(phase, view, train.x) < 0.6 * before  # 0.18 -> 0.09 here
 
 
 def test_variance_phase_validates_the_means_with_the_plugins_variances():
