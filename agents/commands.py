@@ -37,7 +37,8 @@ class TrainConfig:
     dynamics_loss: str = "bilevel"
     """Dynamics learner: mse, nll, nll-beta, pg (U = I), pg-scaled, pg-raw-sigma, pg-plugin,
     pg-plugin-input (the plug-in U(x) from a regression of the held-out residuals),
-    pg-plugin-input-beta (the same, its terms weighted by σ̂²(x)^0.5 as β-NLL weights NLL's),
+    pg-plugin-input-beta (the same, its terms weighted by σ̂²(x)^0.5 as β-NLL weights NLL's, then
+    its mean and variance heads refitted on the frozen trunk),
     bilevel (a diagonal reward U learned by implicit differentiation) or bilevel-input (U(x))."""
     steps: int = 1500
     """Total env steps."""

@@ -26,7 +26,7 @@ BETA_DEFAULT = DynamicsConfig.beta
 def load(sweep: Path) -> pd.DataFrame:
     """Every finished run's metrics.csv rows with its dataset name; the strategy is labelled with
     its estimator when not the score function, with β when not the default, and β-weighted PG
-    without its variance phase as such."""
+    without its variance phase (which holds the mean phase too) or its mean phase as such."""
     frames = []
     for metrics in sorted(sweep.glob("*/metrics.csv")):
         config = json.loads((metrics.parent / "config.json").read_text())
@@ -38,10 +38,11 @@ def load(sweep: Path) -> pd.DataFrame:
             frame.loc[pg, "strategy"] += f" ({config['estimator']})"
         if config["beta"] != BETA_DEFAULT:
             frame.loc[weighted, "strategy"] += f" β = {config['beta']:g}"
+        phases = frame["strategy"].str.startswith("pg-plugin-input-beta")
         if not config.get("variance_phase", True):
-            frame.loc[frame["strategy"].str.startswith("pg-plugin-input-beta"), "strategy"] += (
-                " without variance phase"
-            )
+            frame.loc[phases, "strategy"] += " without variance phase"
+        elif not config.get("mean_phase", True):
+            frame.loc[phases, "strategy"] += " without mean phase"
         frames.append(frame)
     rows = pd.concat(frames, ignore_index=True)
     rows = rows.iloc[rows["dataset"].map(dataset_order).argsort(kind="stable")]

@@ -169,3 +169,13 @@ def test_ci95_band_is_the_t_interval_of_the_mean():
     np.testing.assert_allclose(band_half_width(values, "ci95"), [expected, 0.0])
     np.testing.assert_allclose(band_half_width(values[:1], "ci95"), [0.0, 0.0])
     np.testing.assert_allclose(band_half_width(values, "std"), values.std(0))
+
+
+def test_an_archived_dynamics_run_without_tensorboard_events_reports_its_finals(runs, tmp_path):
+    """results/ keeps no TensorBoard events: the table still comes from metrics.csv."""
+    archived = tmp_path / "archive" / "d"
+    shutil.copytree(runs / "d", archived, ignore=shutil.ignore_patterns("tb"))
+    out, text = write_report(ReportConfig(runs=(str(archived),), out=str(tmp_path / "report")))
+    numbers = json.loads((out / "numbers.json").read_text())
+    assert numbers["dynamics"]["mse"]["rmse"]["n"] == 2
+    assert "## dynamics (run folders: " in text

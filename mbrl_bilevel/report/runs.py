@@ -89,13 +89,17 @@ def _read_tabular(folder: Path, config: dict, summary: dict) -> tuple[list[dict]
 
 
 def _read_dynamics(folder: Path, config: dict, summary: dict) -> tuple[list[dict], list[dict]]:
-    """Dynamics benchmarks: final rows from metrics.csv, validation curves from TensorBoard."""
+    """Dynamics benchmarks: final rows from metrics.csv, validation curves from TensorBoard
+    where the run kept its events (results/ archives keep none: finals only)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     finals = read_csv(folder / "metrics.csv")
     curves = []
     for row in finals:
-        events = EventAccumulator(str(folder / "tb" / f"{row['strategy']}-seed{row['seed']:g}"))
+        events_dir = folder / "tb" / f"{row['strategy']}-seed{row['seed']:g}"
+        if not events_dir.is_dir():
+            continue
+        events = EventAccumulator(str(events_dir))
         events.Reload()
         tags = set(events.Tags()["scalars"]) & set(KINDS["dynamics"].curves)
         for tag in sorted(tags):
