@@ -105,6 +105,15 @@ def test_missing_dataset_that_cannot_be_downloaded_says_what_to_do(tmp_path, mon
         load_minari("mujoco/halfcheetah/medium-v0", data_dir=tmp_path, download=False)
 
 
+def test_the_install_carries_the_client_of_minaris_default_remote():
+    """Published datasets live on Minari's default remote (Hugging Face): without its client
+    (the minari[hf] extra) every download fails with an ImportError, network or not."""
+    from minari.storage.remotes import DEFAULT_REMOTE, get_cloud_storage
+
+    storage = get_cloud_storage(DEFAULT_REMOTE)  # raises ImportError without the client; no request
+    assert storage.name == DEFAULT_REMOTE.split("://", 1)[1]
+
+
 def test_bad_dataset_names_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="neither a .npz path nor a Minari dataset id"):
         load_transitions("data.csv", data_dir=tmp_path)
