@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from mbrl_bilevel.data import Dataset
 from mbrl_bilevel.models import soft_bound
-from mbrl_bilevel.training import FitConfig, Loss, fit
+from mbrl_bilevel.training import FitConfig, Loss, evaluate, fit, log_scalars
 from mbrl_bilevel.validation import ConfigError
 
 
@@ -278,7 +278,9 @@ class EnsembleLearner:
     `update(step, view)` after every step; its latest scalars (`update.last`: reward/,
     solver/) join fit's return value. `finish(ensemble, train, generator) -> metrics`
     (variance_head.VarianceHeadFit), if given, runs after the fit and before the elites are
-    chosen, on the normalised training split; the fit then validates with
+    chosen, on the normalised training split (its scalars, and finish/val_nll and
+    finish/val_rmse of the model it delivers, go to TensorBoard at the fit's last step and into
+    the returned metrics); the fit then validates with
     `finish.validate(view, val=...) -> {"val/<finish.select_on>": ...}` and keeps the weights
     best on that metric (the model as the finish step will deliver it), while the elites are
     still chosen on config.select_on.
@@ -340,7 +342,11 @@ class EnsembleLearner:
         )
         self.global_step += self.config.steps
         if self.finish is not None:
-            result.metrics |= self.finish(ensemble, train_n, generator)
+            delivered = self.finish(ensemble, train_n, generator)
+            if val_n is not None:  # the fit's val/* describe the model before the finish
+                delivered |= {f"finish/val_{k}": v for k, v in evaluate(view, val_n).items()}
+            log_scalars(self.writer, delivered, self.global_step)
+            result.metrics |= delivered
         if val is not None:
             scores = ensemble.select_elites(val, self.config.select_on)
             result.metrics["val/elite_score"] = float(scores[ensemble.elite_mask].mean())

@@ -136,7 +136,7 @@ def fit(
         schedule.step()
         _log(writer, "train", {"loss": value.item(), **metrics}, step_offset + step)
         if on_step is not None:
-            _log_scalars(writer, on_step(step, predictor), step_offset + step)
+            log_scalars(writer, on_step(step, predictor), step_offset + step)
         if step % config.eval_every and step != config.steps:
             continue
         row: dict[str, float] = {"step": float(step)}
@@ -145,7 +145,7 @@ def fit(
         if monitor is not None:
             row |= monitor(predictor)
         history.append(row)
-        _log_scalars(writer, row, step_offset + step)
+        log_scalars(writer, row, step_offset + step)
         bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "step"}, refresh=False)
         if val is None:
             continue
@@ -219,10 +219,10 @@ def _bar_disabled(progress: bool | None) -> bool | None:
 
 
 def _log(writer, group: str, metrics: dict[str, float], step: int) -> None:
-    _log_scalars(writer, {f"{group}/{key}": value for key, value in metrics.items()}, step)
+    log_scalars(writer, {f"{group}/{key}": value for key, value in metrics.items()}, step)
 
 
-def _log_scalars(writer, row: dict[str, float], step: int) -> None:
+def log_scalars(writer, row: dict[str, float], step: int) -> None:
     """Write a row's scalars (bare keys under eval/; the row's own "step" is skipped)."""
     if writer is None:
         return

@@ -11,7 +11,7 @@ from mbrl_bilevel.ensemble import GaussianEnsemble, NormalisedTargets
 from mbrl_bilevel.learners import PGOptions, make_dynamics_learner
 from mbrl_bilevel.solvers.plugin import floor_variances
 from mbrl_bilevel.solvers.updates import ImplicitRefresh
-from mbrl_bilevel.training import FitConfig
+from mbrl_bilevel.training import FitConfig, evaluate
 from mbrl_bilevel.validation import ConfigError
 
 NOISE = torch.tensor([0.3, 0.05])  # raw noise std per output dimension
@@ -337,3 +337,11 @@ def test_with_the_variance_phase_the_fit_keeps_the_weights_best_on_the_plugin_nl
     assert len(plugin) == 600 // 50 and writer.rows["val/nll"].keys() == plugin.keys()
     assert metrics["best_step"] == min(plugin, key=plugin.get)
     assert learner.config.select_on == "nll"
+    # What the finish delivered is logged at the fit's last step: its phases' scalars and the
+    # validation metrics of the final model, which differ from those of the restored weights.
+    delivered = evaluate(NormalisedTargets(ensemble), NormalisedTargets(ensemble).normalise(val))
+    for key in ("mean_head/train_rmse", "variance_head/objective", "finish/val_nll"):
+        assert writer.rows[key] == {600: metrics[key]}
+    assert metrics["finish/val_rmse"] == pytest.approx(delivered["rmse"], rel=1e-6)
+    assert metrics["finish/val_nll"] == pytest.approx(delivered["nll"], rel=1e-6)
+    assert metrics["finish/val_nll"] != metrics["val/nll"]
