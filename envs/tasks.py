@@ -2,7 +2,7 @@
 
 Every function takes obs [..., O], action [..., A] and next_obs [..., O] (the transition
 s -> s') and returns reward [...] (float) or terminated [...] (bool). They reproduce the
-Gymnasium MuJoCo v5 tasks with their default keyword arguments; docs/envs.md lists which are
+Gymnasium MuJoCo v5 tasks with their default keyword arguments; docs/results/envs.md lists which are
 exact and how large the error of the approximate ones is.
 
 The forward-velocity tasks reward (x_after - x_before) / dt, and x is not in the v5
@@ -148,7 +148,7 @@ def inverted_pendulum_plan_reward(obs: Tensor, action: Tensor, next_obs: Tensor)
     """exp(-|tip - upright tip|² / 0.6²) while alive (the PETS paper's cartpole cost; the 0.6 m
     pole). The env's reward (1 while the pole is up) ties every candidate that survives the
     horizon, so even with the simulator as its model CEM lets the cart drift into the rail and
-    the pole falls (docs/pets.md)."""
+    the pole falls (docs/results/pets.md)."""
     x, angle = next_obs[..., 0], next_obs[..., 1]
     distance = (x + 0.6 * torch.sin(angle)).square() + (0.6 * torch.cos(angle) - 0.6).square()
     alive = inverted_pendulum_reward(obs, action, next_obs)

@@ -3,7 +3,7 @@
 PyTorch's CPU tensors come from malloc. glibc hands large blocks back to the kernel when they
 are freed (mmap'd blocks, and a heap top above the trim threshold), so each training step of
 the default ensemble faulted about 2 MB of fresh pages back in: ~500 minor faults and 1-2 ms
-of a ~20 ms step on the 2-core VM of docs/dynamics.md. A fixed mmap threshold and a trim
+of a ~20 ms step on the 2-core VM of docs/results/dynamics.md. A fixed mmap threshold and a trim
 threshold above it keep those blocks in the heap for reuse; the process keeps its peak heap.
 """
 

@@ -8,7 +8,7 @@ f_e the member's trunk features. Under the PG reward this is the exact maximiser
 with uniform weights (β = 1: every input and dimension weighs the same, SPEC 2), on the features
 that the β-weighted fit learned. The fit's own weights σ̂²(x)^β (β = 0.5 by default) leave the
 mean under-fitted where the reward is large; this readout is what the β = 1 weights would reach
-for the last layer, without their cost to the variances (docs/dynamics.md, "The mean phase").
+for the last layer, without their cost to the variances (docs/results/dynamics.md, "The mean phase").
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ class TrainBenchConfig:
     )
     """Comma-separated strategies to time (see `mbrl-bilevel dynamics`); the reward updates of
     pg-plugin and bilevel (every 50 steps) are included, amortised per step; pg-plugin-input-beta's
-    variance phase, once per fit like the final validation, is not (docs/dynamics.md times it)."""
+    variance phase, once per fit like the final validation, is not (docs/results/dynamics.md times it)."""
     members: int = 7
     """Ensemble members E."""
     hidden: str = "200,200,200,200"

@@ -11,7 +11,7 @@ Why: during the fit, the β weights w = σ̂²(x)^β multiply the variance's par
 low-noise inputs the variances hardly learn and stay far above σ̂²(x); unweighting that part
 during the fit lets the variance gradient reshape the shared trunk and costs the mean's RMSE.
 Fitting the head alone afterwards keeps the means and gives the variances the plug-in's shape
-(docs/dynamics.md, "The variance phase").
+(docs/results/dynamics.md, "The variance phase").
 """
 
 from __future__ import annotations

@@ -234,7 +234,7 @@ class ImplicitRefresh:
     magnitude across dimensions): 10 CG iterations mostly leave relative residuals of 0.03-0.5
     on the tests' linear problem, and above 1 (skipped steps) in 34 of 82 outer steps of a
     600-step Pusher agent. MINRES (`method="minres"`) never ends above 1, but it is not the
-    default: on the tests' closed-form checks its U ends farther from U* than CG's (docs/pets.md).
+    default: on the tests' closed-form checks its U ends farther from U* than CG's (docs/results/pets.md).
 
     With `plugin_start`, the reward follows the diagonal plug-in P = (λ/2)diag(Σ̂)⁻¹ of the
     held-out residuals, floored by `floor_variances` (the closed-form optimum for a homoscedastic

@@ -74,7 +74,7 @@ class TabularConfig:
     outer_lr: float = 0.05
     """Bilevel: Adam learning rate of the reward parameters."""
     damping: float = 0.1
-    """Bilevel: δ in the CG system (H + δI) v = ∇_θ F (softmax Hessians are singular; docs/tabular.md)."""
+    """Bilevel: δ in the CG system (H + δI) v = ∇_θ F (softmax Hessians are singular; docs/results/tabular.md)."""
     name: str | None = None
     """Run name; default tabular-<date>-<time>."""
     out_dir: str = "runs"
