@@ -79,7 +79,7 @@ class Transitions:
         return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
 
     def model_dataset(self, delta: bool = True, reward: bool = False) -> Dataset:
-        """x = [s, a] [N, O + A]; y = s' - s (delta=True) or s' [N, O], with the reward r as a
+        """x = [s, a] of shape [N, O + A]; y = s' - s (delta=True) or s' [N, O], with the reward r as a
         last column [N, O + 1] when `reward`; float32 tensors."""
         x = np.concatenate([self.observations, self.actions], axis=1)
         y = self.next_observations - self.observations if delta else self.next_observations
