@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,11 +25,12 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from tqdm.auto import tqdm
 
 from envs.tasks import task_functions
+from mbrl_bilevel.configs import check_positive_fields, from_dict, replace_fields
 from mbrl_bilevel.data import random_split
 from mbrl_bilevel.ensemble import GaussianEnsemble
-from mbrl_bilevel.learners import make_dynamics_learner
+from mbrl_bilevel.learners import PGOptions, make_dynamics_learner
 from mbrl_bilevel.runs import atomic_write_bytes
-from mbrl_bilevel.training import FitConfig
+from mbrl_bilevel.training import FitConfig, heldout_metrics
 from mbrl_bilevel.transitions import Transitions
 from mbrl_bilevel.validation import ConfigError
 
@@ -38,7 +39,7 @@ KNOWN = "the MuJoCo v5 tasks of envs.tasks and mbrl_bilevel/PointMass-v0"
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The ensemble and its retraining: the fields every agent's config starts with."""
+    """The ensemble and its retraining (`--model.*`)."""
 
     members: int = 7
     """Ensemble members E."""
@@ -59,6 +60,22 @@ class ModelConfig:
     random_steps: int = 200
     """Env steps with random actions before the first model training and policy update."""
 
+    def __post_init__(self):
+        check_positive_fields(
+            self,
+            ("members", "elite_members", "hidden", "train_steps", "batch_size", "lr", "patience"),
+            "model.",
+        )
+        if self.elite_members > self.members:
+            raise ConfigError(
+                f"--model.elite-members ({self.elite_members}) cannot exceed --model.members "
+                f"({self.members})"
+            )
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"--model.val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.random_steps < 1:
+            raise ConfigError(f"--model.random-steps must be >= 1, got {self.random_steps}")
+
     def fit_config(self) -> FitConfig:
         return FitConfig(
             steps=self.train_steps,
@@ -69,17 +86,32 @@ class ModelConfig:
         )
 
 
+@dataclass(frozen=True)
+class AgentConfig:
+    """What every agent's config holds: its model and the PG options of its dynamics learner;
+    each agent adds the group of its policy."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The ensemble and its retraining."""
+    pg: PGOptions = field(default_factory=PGOptions)
+    """How the PG dynamics losses train and adapt their reward (ignored by mse, nll, nll-beta
+    but for pg.beta of nll-beta)."""
+
+
 # One env step: (obs [O], action [A], reward, next_obs [O], terminated, truncated).
 Step = tuple[np.ndarray, np.ndarray, float, np.ndarray, bool, bool]
 
 
 class ModelBasedAgent:
     """An agent with a GaussianEnsemble dynamics model on a continuous-action Gymnasium env with a
-    known task reward (envs.tasks). `config` is a preset name or a `config_type` instance (a
-    ModelConfig)."""
+    known task reward (envs.tasks). `config` is a preset name (resolved for the env by `preset`)
+    or a `config_type` instance."""
 
-    config_type: ClassVar[type[ModelConfig]]
-    presets: ClassVar[dict[str, ModelConfig]]
+    config_type: ClassVar[type[AgentConfig]]
+    presets: ClassVar[dict[str, AgentConfig]]
+    env_presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}
+    """Per-env changes of a preset, {preset: {env name (the id without its version): {dotted
+    field: value}}}, as the agent's papers set them (docs: the presets table)."""
     timing_key: ClassVar[str]
     """Scalar name of the mean time the policy takes per action, in ms."""
     learns_reward: ClassVar[bool] = False
@@ -90,7 +122,7 @@ class ModelBasedAgent:
         self,
         env: gym.Env,
         dynamics_loss: str = "nll",
-        config: ModelConfig | str = "cpu",
+        config: AgentConfig | str = "cpu",
         tensorboard_log: str | None = None,
         seed: int = 0,
         verbose: int = 0,
@@ -100,11 +132,9 @@ class ModelBasedAgent:
             raise ConfigError(
                 f"{name} needs a continuous (Box) action space, got {env.action_space}"
             )
-        if isinstance(config, str):
-            if config not in self.presets:
-                raise ConfigError(f"unknown preset {config!r}; choose from {sorted(self.presets)}")
-            config = self.presets[config]
         env_id = env.spec.id if env.spec else type(env).__name__
+        if isinstance(config, str):
+            config = self.preset(config, env_id)
         self.task = task_functions(env_id)
         if self.task is None and not self.learns_reward:
             raise ConfigError(f"no known task reward for {env_id!r}; {name} supports {KNOWN}")
@@ -113,11 +143,17 @@ class ModelBasedAgent:
         torch.manual_seed(seed)
         obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
         out_dim = obs_dim + (self.task is None)
+        model = config.model
         self.model = GaussianEnsemble(
-            obs_dim + act_dim, out_dim, config.members, config.elite_members, config.hidden
+            obs_dim + act_dim, out_dim, model.members, model.elite_members, model.hidden
         )
         self.learner = make_dynamics_learner(
-            dynamics_loss, config.fit_config(), obs_dim + act_dim, out_dim, seed=seed
+            dynamics_loss,
+            model.fit_config(),
+            obs_dim + act_dim,
+            out_dim,
+            seed=seed,
+            options=config.pg,
         )
         self.action_low = torch.as_tensor(env.action_space.low, dtype=torch.float32)
         self.action_high = torch.as_tensor(env.action_space.high, dtype=torch.float32)
@@ -127,9 +163,22 @@ class ModelBasedAgent:
         self.episode_returns: list[float] = []
         self.episode_lengths: list[int] = []
         self.model_trained = False
+        self.model_log: list[dict[str, float]] = []
+        """One row per retraining: step, val_rmse, val_nll (the elite mixture on the held-out
+        split, Δ-state units, NLL per dimension)."""
         self.logger = configure(tensorboard_log, ["tensorboard"] if tensorboard_log else [])
         self._vec_env = DummyVecEnv([lambda: env])
         self._setup()
+
+    @classmethod
+    def preset(cls, name: str, env_id: str) -> AgentConfig:
+        """The preset `name` as it applies to `env_id` (its env_presets changes made)."""
+        if name not in cls.presets:
+            raise ConfigError(
+                f"unknown preset {name!r} for {cls.__name__}; choose from {sorted(cls.presets)}"
+            )
+        env_name = env_id.rsplit("/", 1)[-1].split("-v")[0]
+        return replace_fields(cls.presets[name], cls.env_presets.get(name, {}).get(env_name, {}))
 
     # ----------------------------------------------------------------- SB3 surface
 
@@ -171,6 +220,7 @@ class ModelBasedAgent:
             "episode_returns": self.episode_returns,
             "episode_lengths": self.episode_lengths,
             "model_trained": self.model_trained,
+            "model_log": self.model_log,
             "learner": self.learner.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "numpy_rng": self.rng.bit_generator.state,
@@ -185,13 +235,13 @@ class ModelBasedAgent:
         if not Path(path).is_file():
             raise ConfigError(f"no saved agent at {path}")
         state = torch.load(path, weights_only=False)
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()}
-        config = cls.config_type(**fields)
+        config = from_dict(cls.config_type, state["config"])
         agent = cls(env, state["dynamics_loss"], config, seed=state["seed"], **kwargs)
         agent.model.load_state_dict(state["model"])
         agent.num_timesteps, agent.model_trained = state["num_timesteps"], state["model_trained"]
         agent.episode_returns = state["episode_returns"]
         agent.episode_lengths = state["episode_lengths"]
+        agent.model_log = state["model_log"]
         agent.learner.load_state_dict(state["learner"])
         agent._restore(state)
         torch.set_rng_state(state["torch_rng"])
@@ -244,7 +294,7 @@ class ModelBasedAgent:
         episode_start = time.perf_counter()
         while True:
             start = time.perf_counter()
-            random_phase = self.num_timesteps < self.config.random_steps
+            random_phase = self.num_timesteps < self.config.model.random_steps
             action = self.env.action_space.sample() if random_phase else self._act(obs)
             act_seconds += time.perf_counter() - start
             next_obs, reward, terminated, truncated, info = self.env.step(action)
@@ -275,14 +325,22 @@ class ModelBasedAgent:
         return keep_going
 
     def _train_model(self, data: Transitions) -> None:
-        """Retrain the ensemble on Δ-state targets of `data`, with a random validation split."""
+        """Retrain the ensemble on Δ-state targets of `data`, with a random validation split; log
+        the elite mixture's held-out RMSE and NLL per dimension (in Δ-state units) to model_log."""
         dataset = data.model_dataset(delta=True, reward=self.task is None)
         generator = torch.Generator().manual_seed(self.seed + self.num_timesteps)
-        fraction = self.config.val_fraction
+        fraction = self.config.model.val_fraction
         train, val = random_split(dataset, [1 - fraction, fraction], generator)
         metrics = self.learner.fit(self.model, train, val)
+        with torch.no_grad():
+            quality = heldout_metrics(self.model.mixture(val.x), val.y)
+        self.model_log.append(
+            {"step": self.num_timesteps, "val_rmse": quality["rmse"], "val_nll": quality["nll"]}
+        )
         for key, value in metrics.items():
             self.logger.record(f"model/{key.replace('/', '_')}", value)
+        self.logger.record("model/heldout_rmse", quality["rmse"])
+        self.logger.record("model/heldout_nll_per_dim", quality["nll"])
         self.model_trained = True
 
 

@@ -3,10 +3,11 @@ runs/<name>/ (resumable from its checkpoint), and evaluate a trained run, option
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,12 @@ import tyro
 from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
 from stable_baselines3.common.monitor import Monitor
 
-from agents.mbpo import MBPO
-from agents.pets import PETS
+from agents.base import AgentConfig, ModelConfig
+from agents.mbpo import MBPO, DynaConfig
+from agents.pets import PETS, PlannerConfig
 from envs.make import make_env
+from mbrl_bilevel.configs import check_positive_fields, from_dict
+from mbrl_bilevel.learners import PGOptions, check_strategy, resolve_estimator
 from mbrl_bilevel.reporting import plot_curves
 from mbrl_bilevel.runs import create_run_dir, save_figure, write_csv, write_json
 from mbrl_bilevel.validation import ConfigError
@@ -28,7 +32,10 @@ CHECKPOINT = "checkpoints/agent.pt"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Train an agent on a Gymnasium continuous-control task."""
+    """Train an agent on a Gymnasium continuous-control task. The option groups --model.*,
+    --pg.*, --planner.* (PETS) and --mbpo.* (MBPO) start from the preset as it applies to the env
+    (`--help` after --env, --agent and --preset shows those values) and change it field by
+    field."""
 
     env: str = "InvertedPendulum-v5"
     """Gymnasium env id."""
@@ -37,25 +44,22 @@ class TrainConfig:
     dynamics_loss: str = "bilevel"
     """Dynamics learner: mse, nll, nll-beta, pg (U = I), pg-scaled, pg-raw-sigma, pg-plugin,
     pg-plugin-input (the plug-in U(x) from a regression of the held-out residuals),
-    pg-plugin-input-beta (the same, its terms weighted by σ̂²(x)^0.5 as β-NLL weights NLL's, then
+    pg-plugin-input-beta (the same, its terms weighted by σ̂²(x)^β as β-NLL weights NLL's, then
     its mean and variance heads refitted on the frozen trunk),
     bilevel (a diagonal reward U learned by implicit differentiation) or bilevel-input (U(x))."""
     steps: int = 1500
     """Total env steps."""
     preset: str = "tiny"
-    """Agent sizes: tiny (a small model and planner: minutes on a CPU, enough for
-    InvertedPendulum and the point mass), cpu (sized for this machine's 2 cores: harder tasks),
-    the paper's defaults (pets for pets, mbpo for mbpo), or sac (mbpo without a model: plain SB3
-    SAC, the baseline)."""
+    """Agent sizes, per env where the papers set them (docs: configuration): tiny (a small model
+    and planner: minutes on a CPU, enough for InvertedPendulum and the point mass), cpu (sized
+    for this machine's cores), the paper's settings (pets for pets, mbpo for mbpo), or sac (mbpo
+    without a model: plain SB3 SAC, the baseline)."""
     seed: int = 0
     """Seed of the agent and the env."""
-    plan_dtype: str = "float32"
-    """PETS only: dtype of the model evaluations while planning, float32 or bfloat16 (faster only
-    on CPUs with bf16 matmul units or a GPU; 18x slower on this AVX2 machine, docs/pets.md)."""
     eval_every: int = 500
     """Evaluate every this many env steps."""
     eval_episodes: int = 3
-    """Episodes per evaluation."""
+    """Episodes per evaluation (deterministic policy)."""
     name: str | None = None
     """Run name; default <env>-<agent>-<loss>-s<seed>-<time>."""
     out_dir: str = "runs"
@@ -65,15 +69,77 @@ class TrainConfig:
     is used; other options are ignored)."""
     checkpoint_every: int = 1
     """Save the agent at the first episode end after this many env steps since the last save
-    (1: after every episode; a save of an MBPO agent on Hopper takes about 0.5 s)."""
+    (1: after every episode)."""
     threads: int = 1
     """Torch threads (1 whenever runs share the machine)."""
     progress: bool = True
     """Show a progress bar (on a terminal)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The ensemble and its retraining."""
+    pg: PGOptions = field(default_factory=PGOptions)
+    """The PG dynamics losses: λ, samples, estimator, baseline, β, reward updates."""
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    """PETS only: the CEM/iCEM planner."""
+    mbpo: DynaConfig = field(default_factory=DynaConfig)
+    """MBPO only: rollouts, real-data ratio and SAC."""
 
-    def validate(self) -> None:
-        """Raise ConfigError for an unknown agent or preset or a count <= 0."""
-        _check(self)
+    def __post_init__(self):
+        if self.agent not in AGENTS:
+            raise ConfigError(f"unknown agent {self.agent!r}; choose from {sorted(AGENTS)}")
+        check_strategy(self.dynamics_loss)
+        check_positive_fields(
+            self, ("steps", "eval_every", "eval_episodes", "checkpoint_every", "threads")
+        )
+        foreign = FOREIGN_GROUP[self.agent]
+        if getattr(self, foreign) != type(getattr(self, foreign))():
+            raise ConfigError(f"--{foreign}.* options apply to {foreign_agent(foreign)} only")
+        AGENTS[self.agent].preset(self.preset, self.env)  # an unknown preset
+
+    def agent_config(self) -> AgentConfig:
+        """The agent's config: the groups of its agent."""
+        groups = {
+            "model": self.model,
+            "pg": self.pg,
+            AGENT_GROUP[self.agent]: getattr(self, AGENT_GROUP[self.agent]),
+        }
+        return AGENTS[self.agent].config_type(**groups)
+
+    def saved(self) -> dict:
+        """What config.json records: every field resolved (the PG estimator too), without the
+        other agent's group."""
+        saved = {k: v for k, v in asdict(self).items() if k != FOREIGN_GROUP[self.agent]}
+        saved["pg"]["estimator"] = resolve_estimator(self.dynamics_loss, self.pg.estimator)
+        return saved
+
+
+AGENT_GROUP = {"pets": "planner", "mbpo": "mbpo"}
+"""The option group of each agent's policy."""
+FOREIGN_GROUP = {"pets": "mbpo", "mbpo": "planner"}
+
+
+def foreign_agent(group: str) -> str:
+    return next(agent for agent, own in AGENT_GROUP.items() if own == group)
+
+
+def train_defaults(args: list[str]) -> TrainConfig:
+    """The TrainConfig whose groups hold the preset of the --env, --agent and --preset in `args`
+    (or their defaults): the defaults that `args` are then parsed on top of."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for field_name in ("env", "agent", "preset"):
+        parser.add_argument(f"--{field_name}", default=getattr(TrainConfig, field_name))
+    known, _ = parser.parse_known_args(args)
+    if known.agent not in AGENTS:
+        raise ConfigError(f"unknown agent {known.agent!r}; choose from {sorted(AGENTS)}")
+    preset = AGENTS[known.agent].preset(known.preset, known.env)
+    group = AGENT_GROUP[known.agent]
+    return TrainConfig(
+        env=known.env,
+        agent=known.agent,
+        preset=known.preset,
+        model=preset.model,
+        pg=preset.pg,
+        **{group: getattr(preset, group)},
+    )
 
 
 class EpisodeCheckpoint(BaseCallback):
@@ -96,14 +162,31 @@ class EpisodeCheckpoint(BaseCallback):
             self.saved_at = self.model.num_timesteps
 
 
+class SeededEvalCallback(EvalCallback):
+    """Stable-Baselines3's EvalCallback whose evaluation at env step t resets the evaluation env
+    with the seed `seed + t`: each evaluation depends only on the agent and t, so a resumed run
+    repeats the evaluations of the run it continues."""
+
+    def __init__(self, eval_env, seed: int, **kwargs):
+        super().__init__(eval_env, **kwargs)
+        self.seed = seed
+
+    def _on_step(self) -> bool:
+        if self.eval_freq > 0 and self.n_calls % self.eval_freq == 0:
+            self.eval_env.seed(self.seed + self.n_calls)
+        return super()._on_step()
+
+
 def run_train(config: TrainConfig) -> None:
+    os.environ.setdefault("MUJOCO_GL", "egl")
     if config.resume:
         run_dir = Path(config.resume)
         if not (run_dir / "config.json").is_file():
             raise ConfigError(f"{run_dir} is not a run folder (no config.json)")
         saved = json.loads((run_dir / "config.json").read_text())
-        config = TrainConfig(**{**saved, "resume": config.resume, "progress": config.progress})
-    _check(config)
+        config = from_dict(
+            TrainConfig, {**saved, "resume": config.resume, "progress": config.progress}
+        )
     torch.set_num_threads(config.threads)
     env, eval_env = (
         make_env(config.env, seed=config.seed),
@@ -125,7 +208,7 @@ def run_train(config: TrainConfig) -> None:
             f"{run_dir} holds an interrupted run: continue it with --resume {run_dir}, "
             "or pass another --name"
         )
-    write_json(run_dir / "config.json", asdict(config) | {"resume": None})
+    write_json(run_dir / "config.json", config.saved() | {"resume": None})
     agent_type = AGENTS[config.agent]
     if config.resume and checkpoint.is_file():
         agent = agent_type.load(checkpoint, env, tensorboard_log=str(run_dir))
@@ -134,12 +217,13 @@ def run_train(config: TrainConfig) -> None:
         agent = agent_type(
             env,
             dynamics_loss=config.dynamics_loss,
-            config=agent_config(config),
+            config=config.agent_config(),
             tensorboard_log=str(run_dir),
             seed=config.seed,
         )
-    evaluation = EvalCallback(
+    evaluation = SeededEvalCallback(
         eval_env,
+        seed=config.seed + 1,
         n_eval_episodes=config.eval_episodes,
         eval_freq=config.eval_every,
         log_path=str(run_dir / "eval"),
@@ -170,16 +254,6 @@ def restore_evaluations(evaluation: EvalCallback, path: Path, up_to_step: int) -
     evaluation.evaluations_length = saved["ep_lengths"][kept].tolist()
 
 
-def agent_config(config: TrainConfig):
-    """The preset's agent config, with --plan-dtype applied (PETS only)."""
-    preset = AGENTS[config.agent].presets[config.preset]
-    if config.agent == "pets":
-        return replace(preset, plan_dtype=config.plan_dtype)
-    if config.plan_dtype != "float32":
-        raise ConfigError(f"--plan-dtype applies to PETS only, not {config.agent}")
-    return preset
-
-
 def _write_outputs(
     run_dir: Path, agent, evaluation: EvalCallback, seconds_per_step: float, seed: int
 ):
@@ -192,6 +266,8 @@ def _write_outputs(
             {"episode": episode, "step": steps, "return": ret, "run": "train", "seed": seed}
         )
     write_csv(run_dir / "metrics.csv", rows)
+    if agent.model_log:
+        write_csv(run_dir / "model.csv", agent.model_log)
     if rows:
         figure = plot_curves(rows, "step", ["return"], "run", titles=["episode return"])
         save_figure(figure, run_dir / "plots" / "returns.png")
@@ -212,23 +288,6 @@ def _write_outputs(
     write_json(run_dir / "summary.json", summary)
     print(json.dumps(summary, indent=2))
     print(f"run folder: {run_dir}\nTensorBoard: tensorboard --logdir {run_dir}")
-
-
-def _check(config: TrainConfig) -> None:
-    if config.agent not in AGENTS:
-        raise ConfigError(f"unknown agent {config.agent!r}; choose from {sorted(AGENTS)}")
-    presets = AGENTS[config.agent].presets
-    if config.preset not in presets:
-        raise ConfigError(
-            f"unknown preset {config.preset!r} for {config.agent}; choose from {sorted(presets)}"
-        )
-    for field in ("steps", "eval_every", "eval_episodes", "checkpoint_every", "threads"):
-        if getattr(config, field) <= 0:
-            raise ConfigError(
-                f"--{field.replace('_', '-')} must be > 0, got {getattr(config, field)}"
-            )
-    agent_config(config)  # an unknown --plan-dtype, or one given to MBPO
-    os.environ.setdefault("MUJOCO_GL", "egl")
 
 
 @dataclass(frozen=True)

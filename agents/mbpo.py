@@ -14,22 +14,22 @@ save(path), MBPO.load(path, env).
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from stable_baselines3 import SAC
 
-from agents.base import ModelBasedAgent, ModelConfig, Step
+from agents.base import AgentConfig, ModelBasedAgent, ModelConfig, Step
 from agents.buffers import MixedReplayBuffer
 from agents.rollouts import branched_rollouts, rollout_length
+from mbrl_bilevel.configs import check_positive_fields
 from mbrl_bilevel.validation import ConfigError
 
 
 @dataclass(frozen=True)
-class MBPOConfig(ModelConfig):
-    """Model, rollout and SAC sizes of an MBPO agent; the defaults are the MBPO paper's Hopper
-    settings but for the model fields, which the `mbpo` preset sets."""
+class DynaConfig:
+    """The Dyna loop of MBPO and its SAC (`--mbpo.*`): retraining, rollouts, SAC updates."""
 
     train_every: int = 250
     """Env steps between model retrainings."""
@@ -37,7 +37,7 @@ class MBPOConfig(ModelConfig):
     """Env steps between rollout rounds."""
     rollout_batch: int = 100_000
     """Rollouts (start states) per round."""
-    rollout_schedule: tuple[int, int, int, int] = (20_000, 100_000, 1, 15)
+    rollout_schedule: tuple[int, int, int, int] = (20_000, 150_000, 1, 15)
     """Rollout length: (start step, end step, start length, end length), linear in between."""
     retain_rounds: int = 4
     """Rounds of rollouts the model buffer keeps."""
@@ -45,6 +45,8 @@ class MBPOConfig(ModelConfig):
     """Share of real transitions in SAC's batches; 1 uses no model (plain SAC)."""
     updates_per_step: int = 20
     """SAC gradient steps per env step."""
+    target_entropy: float | None = None
+    """SAC's target entropy; none: Stable-Baselines3's 'auto', -(action dimensions)."""
     sac_batch_size: int = 256
     """SAC minibatch size."""
     sac_hidden: tuple[int, ...] = (256, 256)
@@ -60,63 +62,97 @@ class MBPOConfig(ModelConfig):
 
     def __post_init__(self):
         if not 0 < self.real_ratio <= 1:
-            raise ConfigError(f"real_ratio must be in (0, 1], got {self.real_ratio}")
-        if not 0 < self.val_fraction < 1:
-            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        positive = (
-            "train_every",
-            "train_steps",
-            "batch_size",
-            "rollout_every",
-            "rollout_batch",
-            "retain_rounds",
-            "updates_per_step",
-            "sac_batch_size",
-            "buffer_size",
-            "random_steps",
+            raise ConfigError(f"--mbpo.real-ratio must be in (0, 1], got {self.real_ratio}")
+        check_positive_fields(
+            self,
+            (
+                "train_every",
+                "rollout_every",
+                "rollout_batch",
+                "retain_rounds",
+                "updates_per_step",
+                "sac_batch_size",
+                "sac_hidden",
+                "sac_lr",
+                "buffer_size",
+            ),
+            "mbpo.",
         )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (0 < self.gamma <= 1 and 0 < self.tau <= 1):
+            raise ConfigError(
+                f"--mbpo.gamma and --mbpo.tau must be in (0, 1], got {self.gamma}, {self.tau}"
+            )
         start, end, low, high = self.rollout_schedule
         if not (0 <= start <= end and 1 <= low and 1 <= high):
             raise ConfigError(
-                "rollout_schedule must be (start step <= end step, start length >= 1, "
+                "--mbpo.rollout-schedule must be (start step <= end step, start length >= 1, "
                 f"end length >= 1), got {self.rollout_schedule}"
             )
 
 
+@dataclass(frozen=True)
+class MBPOConfig(AgentConfig):
+    """Model, PG options and Dyna/SAC settings of an MBPO agent."""
+
+    mbpo: DynaConfig = field(default_factory=DynaConfig)
+    """The Dyna loop and its SAC."""
+
+
 PRESETS = {
-    # the MBPO paper's Hopper settings, for machines that can afford them
-    "mbpo": MBPOConfig(train_steps=5000, val_fraction=0.2, random_steps=5000),
+    # the MBPO paper's settings (per env: ENV_PRESETS), for machines that can afford them
+    "mbpo": MBPOConfig(model=ModelConfig(train_steps=5000, val_fraction=0.2, random_steps=5000)),
     "cpu": MBPOConfig(  # 15k Hopper steps in under an hour on one core of this machine
-        hidden=(200, 200, 200),
-        train_steps=250,
-        patience=5,
-        random_steps=1000,
-        rollout_batch=25_000,
-        updates_per_step=10,
+        model=ModelConfig(hidden=(200, 200, 200), train_steps=250, patience=5, random_steps=1000),
+        mbpo=DynaConfig(rollout_batch=25_000, updates_per_step=10),
     ),
     "sac": MBPOConfig(  # no model: SB3's SAC with its default settings, the baseline
-        real_ratio=1.0, updates_per_step=1, random_steps=100
+        model=ModelConfig(random_steps=100), mbpo=DynaConfig(real_ratio=1.0, updates_per_step=1)
     ),
     "tiny": MBPOConfig(  # smoke tests and the point mass
-        members=3,
-        elite_members=2,
-        hidden=(32, 32),
-        train_steps=100,
-        random_steps=100,
-        train_every=100,
-        rollout_every=50,
-        rollout_batch=200,
-        rollout_schedule=(0, 300, 1, 3),
-        retain_rounds=2,
-        real_ratio=0.5,
-        updates_per_step=2,
-        sac_batch_size=64,
-        sac_hidden=(64, 64),
-        buffer_size=10_000,
+        model=ModelConfig(
+            members=3, elite_members=2, hidden=(32, 32), train_steps=100, random_steps=100
+        ),
+        mbpo=DynaConfig(
+            train_every=100,
+            rollout_every=50,
+            rollout_batch=200,
+            rollout_schedule=(0, 300, 1, 3),
+            retain_rounds=2,
+            real_ratio=0.5,
+            updates_per_step=2,
+            sac_batch_size=64,
+            sac_hidden=(64, 64),
+            buffer_size=10_000,
+        ),
     ),
+}
+
+
+def _paper_settings(updates: int, entropy: float, schedule: tuple[int, int, int, int]) -> dict:
+    return {
+        "mbpo.updates_per_step": updates,
+        "mbpo.target_entropy": entropy,
+        "mbpo.rollout_schedule": schedule,
+    }
+
+
+PAPER_ENV_SETTINGS = {
+    # Janner et al. 2019, github.com/jannerm/mbpo examples/config/<env>/0.py: n_train_repeat,
+    # target_entropy, rollout_schedule (epochs of 1000 steps; 250 for InvertedPendulum)
+    "Hopper": _paper_settings(20, -1.0, (20_000, 150_000, 1, 15)),
+    "HalfCheetah": _paper_settings(40, -3.0, (20_000, 150_000, 1, 1)),
+    "Walker2d": _paper_settings(20, -3.0, (20_000, 150_000, 1, 1)),
+    "Ant": _paper_settings(20, -4.0, (20_000, 100_000, 1, 25)),
+    "InvertedPendulum": _paper_settings(10, -0.05, (250, 3_750, 1, 1)),
+}
+ENV_PRESETS = {
+    "mbpo": PAPER_ENV_SETTINGS
+    | {"InvertedPendulum": PAPER_ENV_SETTINGS["InvertedPendulum"] | {"model.random_steps": 500}},
+    # the paper's per-env settings with half its SAC updates per step (this machine's budget)
+    "cpu": {
+        env: settings | {"mbpo.updates_per_step": settings["mbpo.updates_per_step"] // 2}
+        for env, settings in PAPER_ENV_SETTINGS.items()
+    },
 }
 
 
@@ -126,16 +162,17 @@ class MBPO(ModelBasedAgent):
 
     config_type = MBPOConfig
     presets = PRESETS
+    env_presets = ENV_PRESETS
     timing_key = "mbpo/ms_per_action"
 
     def _setup(self) -> None:
-        config = self.config
+        config = self.config.mbpo
         self.sac = SAC(
             "MlpPolicy",
             self._vec_env,
             learning_rate=config.sac_lr,
             buffer_size=config.buffer_size,
-            learning_starts=config.random_steps,
+            learning_starts=self.config.model.random_steps,
             batch_size=config.sac_batch_size,
             tau=config.tau,
             gamma=config.gamma,
@@ -143,6 +180,7 @@ class MBPO(ModelBasedAgent):
             replay_buffer_class=MixedReplayBuffer,
             replay_buffer_kwargs={"real_ratio": config.real_ratio, "seed": self.seed},
             policy_kwargs={"net_arch": list(config.sac_hidden)},
+            target_entropy="auto" if config.target_entropy is None else config.target_entropy,
             seed=self.seed,
             device="cpu",
         )
@@ -155,7 +193,7 @@ class MBPO(ModelBasedAgent):
 
     @property
     def uses_model(self) -> bool:
-        return self.config.real_ratio < 1
+        return self.config.mbpo.real_ratio < 1
 
     def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
         """SAC's action for `observation` [O] or [N, O]; returns (action, state) as SB3 does."""
@@ -169,7 +207,8 @@ class MBPO(ModelBasedAgent):
         obs, action, reward, next_obs, terminated, _ = step
         scaled = self.sac.policy.scale_action(np.asarray(action))
         self.buffer.add(obs, next_obs, scaled, np.float32(reward), np.array(terminated), [{}])
-        config, step_index = self.config, self.num_timesteps - self.config.random_steps
+        config = self.config.mbpo
+        step_index = self.num_timesteps - self.config.model.random_steps
         if step_index < 0:
             return
         if self.uses_model and step_index % config.train_every == 0:
@@ -185,7 +224,7 @@ class MBPO(ModelBasedAgent):
 
     def _rollout(self) -> None:
         """One round of branched rollouts from random real states into the model buffer."""
-        config, buffer = self.config, self.buffer
+        config, buffer = self.config.mbpo, self.buffer
         length = rollout_length(config.rollout_schedule, self.num_timesteps)
         rows = torch.randint(buffer.real_size(), (config.rollout_batch,), generator=self.generator)
         starts = torch.as_tensor(buffer.observations[rows.numpy(), 0], dtype=torch.float32)

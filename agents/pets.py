@@ -9,14 +9,15 @@ work with it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from agents.base import ModelBasedAgent, ModelConfig, Step, transitions_from_steps
+from agents.base import AgentConfig, ModelBasedAgent, ModelConfig, Step, transitions_from_steps
 from agents.planners import CEMConfig, CEMPlanner
-from agents.propagation import TrajectoryEvaluator
+from agents.propagation import PROPAGATIONS, TrajectoryEvaluator
+from mbrl_bilevel.configs import check_positive_fields
 from mbrl_bilevel.transitions import Transitions
 from mbrl_bilevel.validation import ConfigError
 
@@ -24,8 +25,8 @@ PLAN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
-class PETSConfig(ModelConfig):
-    """Model, planner and training sizes of a PETS agent."""
+class PlannerConfig:
+    """The CEM/iCEM planner and its trajectory sampling (`--planner.*`)."""
 
     horizon: int = 30
     """Planning horizon H."""
@@ -43,15 +44,28 @@ class PETSConfig(ModelConfig):
     """ts1, tsinf or expectation."""
     plan_dtype: str = "float32"
     """Dtype of the model evaluations while planning: float32 or bfloat16 (fast only on CPUs
-    with bf16 matmul units; docs/pets.md)."""
+    with bf16 matmul units or a GPU; docs: the PETS record)."""
 
     def __post_init__(self):
+        check_positive_fields(
+            self, ("horizon", "population", "elites", "iterations", "particles"), "planner."
+        )
+        if self.elites > self.population:
+            raise ConfigError(
+                f"--planner.elites ({self.elites}) cannot exceed --planner.population "
+                f"({self.population})"
+            )
+        if self.propagation not in PROPAGATIONS:
+            raise ConfigError(
+                f"unknown --planner.propagation {self.propagation!r}; choose from {PROPAGATIONS}"
+            )
         if self.plan_dtype not in PLAN_DTYPES:
             raise ConfigError(
-                f"unknown plan_dtype {self.plan_dtype!r}; choose from {sorted(PLAN_DTYPES)}"
+                f"unknown --planner.plan-dtype {self.plan_dtype!r}; choose from "
+                f"{sorted(PLAN_DTYPES)}"
             )
 
-    def planner_config(self) -> CEMConfig:
+    def cem_config(self) -> CEMConfig:
         icem = (
             {"noise_beta": 2.0, "keep_elites": 0.3, "population_decay": 1.25} if self.icem else {}
         )
@@ -64,31 +78,40 @@ class PETSConfig(ModelConfig):
         )
 
 
+@dataclass(frozen=True)
+class PETSConfig(AgentConfig):
+    """Model, PG options and planner of a PETS agent."""
+
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    """The CEM/iCEM planner."""
+
+
 PRESETS = {
-    "pets": PETSConfig(),  # the PETS paper's sizes, for machines that can afford them
+    "pets": PETSConfig(),  # the PETS paper's sizes (per env: ENV_PRESETS), for a GPU
     "tiny": PETSConfig(  # smoke tests and the point mass
-        horizon=10,
-        population=100,
-        elites=10,
-        iterations=3,
-        icem=True,
-        particles=4,
-        members=5,
-        elite_members=3,
-        hidden=(64, 64),
-        train_steps=1000,
-        random_steps=50,
+        model=ModelConfig(
+            members=5, elite_members=3, hidden=(64, 64), train_steps=1000, random_steps=50
+        ),
+        planner=PlannerConfig(
+            horizon=10, population=100, elites=10, iterations=3, icem=True, particles=4
+        ),
     ),
-    "cpu": PETSConfig(
-        horizon=15,
-        population=100,
-        elites=10,
-        iterations=3,
-        icem=True,
-        particles=5,
-        hidden=(200, 200, 200),
-        train_steps=1000,
+    "cpu": PETSConfig(  # sized for one core of this machine, every env alike
+        model=ModelConfig(hidden=(200, 200, 200), train_steps=1000),
+        planner=PlannerConfig(
+            horizon=15, population=100, elites=10, iterations=3, icem=True, particles=5
+        ),
     ),
+}
+
+ENV_PRESETS = {
+    # Chua et al. 2018, github.com/kchua/handful-of-trials dmbrl/config/<env>.py (CEM: popsize,
+    # num_elites, PLAN_HOR; 5 iterations everywhere)
+    "pets": {
+        "HalfCheetah": {"planner.horizon": 30, "planner.population": 500, "planner.elites": 50},
+        "Pusher": {"planner.horizon": 25, "planner.population": 500, "planner.elites": 50},
+        "Reacher": {"planner.horizon": 25, "planner.population": 400, "planner.elites": 40},
+    },
 }
 
 
@@ -99,15 +122,14 @@ class PETS(ModelBasedAgent):
 
     config_type = PETSConfig
     presets = PRESETS
+    env_presets = ENV_PRESETS
     timing_key = "planner/ms_per_step"
     learns_reward = True
 
     def _setup(self) -> None:
-        config = self.config
+        config = self.config.planner
         generator = torch.Generator().manual_seed(self.seed)
-        self.planner = CEMPlanner(
-            self.action_low, self.action_high, config.planner_config(), generator
-        )
+        self.planner = CEMPlanner(self.action_low, self.action_high, config.cem_config(), generator)
         self.evaluator = TrajectoryEvaluator(
             self.model,
             None if self.task is None else self.task.planning_reward,
@@ -141,7 +163,7 @@ class PETS(ModelBasedAgent):
         """Add the episode to the data and retrain the model on all of it."""
         episode = transitions_from_steps(steps)
         self.data = episode if self.data is None else Transitions.concatenate([self.data, episode])
-        if self.num_timesteps >= self.config.random_steps:
+        if self.num_timesteps >= self.config.model.random_steps:
             self._train_model(self.data)
 
     def _extra_state(self) -> dict:

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from agents.pets import PLAN_DTYPES, PRESETS, PETSConfig
+from agents.pets import PETS, PLAN_DTYPES, PRESETS, PETSConfig
 from agents.planners import CEMPlanner
 from agents.propagation import TrajectoryEvaluator
 from envs.tasks import half_cheetah_reward, never_terminated
@@ -41,17 +41,18 @@ def time_preset(config: PETSConfig, dtype: str, bench: PlanBenchConfig) -> dict:
     """Median and best CPU seconds per planning step, model rows per step and the best matmul
     rate (FLOP/s) seen between the steps."""
     obs_dim, action_dim = bench.obs_dim, bench.action_dim
+    sizes, config = config.model, config.planner
     generator = torch.Generator().manual_seed(0)
     model = GaussianEnsemble(
-        obs_dim + action_dim, obs_dim, config.members, config.elite_members, config.hidden
+        obs_dim + action_dim, obs_dim, sizes.members, sizes.elite_members, sizes.hidden
     )
     model.fit_normaliser(
         torch.randn(256, obs_dim + action_dim, generator=generator),
         0.1 * torch.randn(256, obs_dim, generator=generator),
     )
-    model.elite_mask.copy_(torch.arange(config.members) < config.elite_members)
+    model.elite_mask.copy_(torch.arange(sizes.members) < sizes.elite_members)
     planner = CEMPlanner(
-        -torch.ones(action_dim), torch.ones(action_dim), config.planner_config(), generator
+        -torch.ones(action_dim), torch.ones(action_dim), config.cem_config(), generator
     )
     evaluator = TrajectoryEvaluator(
         model,
@@ -85,7 +86,7 @@ def plan_row(name: str, preset: PETSConfig, dtype: str, bench: PlanBenchConfig) 
     fp32 matmul rate, the lower bound and the ratios to it."""
     inputs = bench.obs_dim + bench.action_dim
     timed = time_preset(preset, dtype, bench)
-    flops = timed["rows"] * linear_flops_per_row(inputs, bench.obs_dim, preset.hidden)
+    flops = timed["rows"] * linear_flops_per_row(inputs, bench.obs_dim, preset.model.hidden)
     bound = flops / timed["matmul_rate"]
     return {
         "preset": name,
@@ -120,7 +121,11 @@ def run_plan_bench(config: PlanBenchConfig) -> tuple[list[dict], dict]:
         )
     torch.set_num_threads(config.threads)
     load_before = os.getloadavg()[0]
-    rows = [plan_row(name, PRESETS[name], dtype, config) for name in presets for dtype in dtypes]
+    rows = [
+        plan_row(name, PETS.preset(name, "HalfCheetah-v5"), dtype, config)
+        for name in presets
+        for dtype in dtypes
+    ]
     context = {
         "threads": config.threads,
         "cpu_count": os.cpu_count(),

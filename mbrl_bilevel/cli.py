@@ -12,10 +12,11 @@ from typing import Any
 
 import tyro
 
-from agents.commands import EvalConfig, TrainConfig, run_eval, run_train
+from agents.commands import EvalConfig, TrainConfig, run_eval, run_train, train_defaults
 from envs.collect_command import CollectConfig, run_collect
 from mbrl_bilevel.allocator import keep_freed_memory
 from mbrl_bilevel.bench import BenchConfig
+from mbrl_bilevel.command_line import parse_config
 from mbrl_bilevel.dynamics import DynamicsConfig
 from mbrl_bilevel.gaussian import GaussianConfig
 from mbrl_bilevel.report.command import ReportConfig, run_report, write_report
@@ -95,7 +96,7 @@ def run_sweep(config: SweepConfig) -> None:
 
     sweepable = {name: t for name, (t, _) in COMMANDS.items() if name not in ("sweep", "report")}
     try:
-        outcomes, folder = run(config, sweepable, check_config, "mbrl_bilevel.cli")
+        outcomes, folder = run(config, sweepable, check_config, "mbrl_bilevel.cli", DEFAULTS)
     except KeyboardInterrupt:
         print(
             f"\nsweep interrupted: `mbrl-bilevel sweep {config.spec}` finishes it", file=sys.stderr
@@ -124,17 +125,34 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
 }
 
 
+DEFAULTS: dict[str, Callable[[list[str]], Any]] = {"train": train_defaults}
+"""Commands whose defaults depend on some of their arguments (train: the preset of --env,
+--agent and --preset): args -> the default config the arguments are parsed on top of."""
+
+
+def parse_command(name: str, args: Sequence[str]) -> Any:
+    """The config of `mbrl-bilevel <name> <args>`; a usage error is a one-line ConfigError."""
+    default = DEFAULTS[name](list(args)) if name in DEFAULTS else None
+    return parse_config(COMMANDS[name][0], args, default, prog=f"mbrl-bilevel {name}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    config = tyro.extras.subcommand_cli_from_dict(
-        {name: config_type for name, (config_type, _) in COMMANDS.items()},
-        prog="mbrl-bilevel",
-        description="Model-based RL with dynamics models trained by NLL or by policy gradient "
-        "under a bilevel-learned reward.",
-        args=argv,
-    )
-    runner = next(run for config_type, run in COMMANDS.values() if isinstance(config, config_type))
+    argv = list(sys.argv[1:] if argv is None else argv)
     keep_freed_memory()
     try:
+        if argv and argv[0] in COMMANDS:
+            config = parse_command(argv[0], argv[1:])
+        else:  # the command list, or tyro's message for an unknown command
+            config = tyro.extras.subcommand_cli_from_dict(
+                {name: config_type for name, (config_type, _) in COMMANDS.items()},
+                prog="mbrl-bilevel",
+                description="Model-based RL with dynamics models trained by NLL or by policy "
+                "gradient under a bilevel-learned reward.",
+                args=argv,
+            )
+        runner = next(
+            run for config_type, run in COMMANDS.values() if isinstance(config, config_type)
+        )
         runner(config)
     except ConfigError as error:
         print(f"mbrl-bilevel: error: {error}", file=sys.stderr)

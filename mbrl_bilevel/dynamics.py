@@ -43,7 +43,7 @@ from mbrl_bilevel.learners import (
 from mbrl_bilevel.losses import BASELINES
 from mbrl_bilevel.models import GaussianMLP
 from mbrl_bilevel.parallel import map_seeds
-from mbrl_bilevel.training import FitConfig, LossLearner
+from mbrl_bilevel.training import FitConfig, LossLearner, heldout_metrics
 from mbrl_bilevel.transitions import Transitions
 from mbrl_bilevel.validation import ConfigError, check_positive
 
@@ -73,8 +73,10 @@ class DynamicsConfig:
     """Samples G per input of the PG strategies."""
     baseline: str = "mean"
     """PG baseline: none, mean (leave-one-out), grpo or min."""
-    estimator: str = "score"
-    """PG gradient estimator: score (REINFORCE, the paper's) or pathwise (reparameterised)."""
+    estimator: str = "auto"
+    """PG gradient estimator: auto (pathwise for pg-plugin and pg-plugin-input-beta, where it
+    measured better; score for the other PG strategies), score (REINFORCE, the paper's) or
+    pathwise (reparameterised)."""
     refresh_every: int = 50
     """Steps between reward updates of pg-plugin and pg-plugin-input(-beta) (refreshes) and
     bilevel (outer steps)."""
@@ -253,18 +255,6 @@ def calibrated(predict, factor: torch.Tensor):
 
 
 @torch.no_grad()
-def heldout_metrics(dist: Distribution, y: torch.Tensor) -> dict[str, float]:
-    """rmse, nll per dimension, cal1, cal2 of a predictive distribution (batch [B], event D)."""
-    error = (dist.mean - y).abs()
-    std = dist.variance.sqrt()
-    return {
-        "rmse": float(error.pow(2).mean().sqrt()),
-        "nll": float(-dist.log_prob(y).mean() / y.shape[1]),
-        "cal1": float((error <= std).float().mean()),
-        "cal2": float((error <= 2 * std).float().mean()),
-    }
-
-
 def rollout_starts(transitions: Transitions, horizon: int) -> np.ndarray:
     """Indices i whose transitions i .. i+horizon-1 are consecutive steps of one episode."""
     links = (

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.distributions import Categorical
+from torch.distributions import Categorical, Distribution
 from tqdm.auto import tqdm
 
 from mbrl_bilevel.data import Dataset
@@ -68,6 +68,18 @@ def evaluate(predictor: nn.Module, data: Dataset) -> dict[str, float]:
     else:
         metrics["rmse"] = float((dist.mean - data.y).pow(2).mean().sqrt())
     return metrics
+
+
+def heldout_metrics(dist: Distribution, y: torch.Tensor) -> dict[str, float]:
+    """rmse, nll per dimension, cal1, cal2 of a predictive distribution (batch [B], event D)."""
+    error = (dist.mean.detach() - y).abs()
+    std = dist.variance.detach().sqrt()
+    return {
+        "rmse": float(error.pow(2).mean().sqrt()),
+        "nll": float(-dist.log_prob(y).detach().mean() / y.shape[1]),
+        "cal1": float((error <= std).float().mean()),
+        "cal2": float((error <= 2 * std).float().mean()),
+    }
 
 
 @dataclass

@@ -12,15 +12,11 @@ from torch.distributions import Independent, Normal
 
 from mbrl_bilevel.cli import main
 from mbrl_bilevel.data import Dataset
-from mbrl_bilevel.dynamics import (
-    DynamicsConfig,
-    heldout_metrics,
-    rollout_rmse,
-    rollout_starts,
-)
+from mbrl_bilevel.dynamics import DynamicsConfig, rollout_rmse, rollout_starts
 from mbrl_bilevel.learners import DYNAMICS_LOSSES
 from mbrl_bilevel.learners import fixed_reward_matrix as reward_matrix
 from mbrl_bilevel.train_bench import TrainBenchConfig, linear_flops_per_step, run_train_bench
+from mbrl_bilevel.training import heldout_metrics
 from mbrl_bilevel.transitions import Transitions
 from mbrl_bilevel.validation import ConfigError
 

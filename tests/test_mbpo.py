@@ -1,8 +1,6 @@
 """MBPO on the shipped point-mass task: the Dyna loop runs, rolls out, updates SAC, saves and
 loads, is deterministic, resumes a killed run exactly, and its buffers and rollouts behave."""
 
-import dataclasses
-
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -10,15 +8,18 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
 from agents.buffers import MixedReplayBuffer, ModelBuffer
-from agents.mbpo import MBPO, PRESETS, MBPOConfig
+from agents.mbpo import MBPO, PRESETS, DynaConfig
 from agents.rollouts import branched_rollouts, rollout_length
 from envs.make import make_env
 from envs.point_mass import POINT_MASS_ID
 from envs.tasks import TaskFunctions, never_terminated, task_functions
+from mbrl_bilevel.configs import replace_fields
 from mbrl_bilevel.ensemble import GaussianEnsemble
 from mbrl_bilevel.validation import ConfigError
 
-TINY = dataclasses.replace(PRESETS["tiny"], random_steps=50, train_every=50, rollout_every=25)
+TINY = replace_fields(
+    PRESETS["tiny"], {"model.random_steps": 50, "mbpo.train_every": 50, "mbpo.rollout_every": 25}
+)
 STEPS = 150  # 3 episodes of 50 steps
 
 
@@ -35,9 +36,10 @@ def trained():
 def test_dyna_loop_trains_model_rolls_out_and_updates_sac(trained):
     assert trained.num_timesteps == STEPS and len(trained.episode_returns) == 3
     assert trained.model_trained
-    assert trained.sac._n_updates == TINY.updates_per_step * (STEPS - TINY.random_steps + 1)
+    updates = TINY.mbpo.updates_per_step * (STEPS - TINY.model.random_steps + 1)
+    assert trained.sac._n_updates == updates
     # rounds of length 1 at steps 50-125, of length 2 at 150: capacity 2 rounds · 200 · 2, full
-    assert len(trained.buffer.model) == TINY.retain_rounds * TINY.rollout_batch * 2
+    assert len(trained.buffer.model) == TINY.mbpo.retain_rounds * TINY.mbpo.rollout_batch * 2
     assert trained.buffer.real_size() == STEPS
 
 
@@ -84,16 +86,16 @@ def test_refuses_bad_envs_and_configs():
         MBPO(gym.make("MountainCarContinuous-v0"))
     with pytest.raises(ConfigError, match="preset"):
         MBPO(make_env(POINT_MASS_ID), config="huge")
-    with pytest.raises(ConfigError, match="real_ratio"):
-        MBPOConfig(real_ratio=0.0)
-    with pytest.raises(ConfigError, match="rollout_schedule"):
-        MBPOConfig(rollout_schedule=(10, 5, 1, 2))
-    with pytest.raises(ConfigError, match="updates_per_step"):
-        MBPOConfig(updates_per_step=0)
+    with pytest.raises(ConfigError, match="real-ratio"):
+        DynaConfig(real_ratio=0.0)
+    with pytest.raises(ConfigError, match="rollout-schedule"):
+        DynaConfig(rollout_schedule=(10, 5, 1, 2))
+    with pytest.raises(ConfigError, match="updates-per-step"):
+        DynaConfig(updates_per_step=0)
 
 
 def test_sac_preset_uses_no_model():
-    config = dataclasses.replace(PRESETS["sac"], random_steps=20, sac_hidden=(16,))
+    config = replace_fields(PRESETS["sac"], {"model.random_steps": 20, "mbpo.sac_hidden": (16,)})
     agent = MBPO(make_env(POINT_MASS_ID, seed=0), config=config).learn(50)
     assert not agent.model_trained and len(agent.buffer.model) == 0
     assert agent.sac._n_updates == 31

@@ -1,12 +1,10 @@
 """PETS on the shipped point-mass task: it learns, it is deterministic, it saves and loads."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 from stable_baselines3.common.callbacks import BaseCallback
 
-from agents.pets import PETS, PRESETS
+from agents.pets import PETS, PRESETS, PlannerConfig
 from envs.make import make_env
 from envs.point_mass import POINT_MASS_ID
 from mbrl_bilevel.report.runs import read_csv
@@ -63,11 +61,13 @@ def test_bfloat16_planning_ranks_candidates_like_float32(trained):
 
     from agents.propagation import TrajectoryEvaluator
 
-    candidates = torch.rand(300, TINY.horizon, 2, generator=torch.Generator().manual_seed(0))
+    candidates = torch.rand(
+        300, TINY.planner.horizon, 2, generator=torch.Generator().manual_seed(0)
+    )
     returns = {}
     for dtype in (torch.float32, torch.bfloat16):
         evaluator = TrajectoryEvaluator(
-            trained.model, trained.task.reward, None, TINY.particles, dtype=dtype
+            trained.model, trained.task.reward, None, TINY.planner.particles, dtype=dtype
         )
         evaluator.set_start(torch.tensor([0.8, -0.5]))
         returns[dtype] = evaluator(2 * candidates - 1)
@@ -82,8 +82,8 @@ def test_refuses_discrete_actions_and_bad_options():
         PETS(gym.make("CartPole-v1"))
     with pytest.raises(ConfigError, match="preset"):
         PETS(make_env(POINT_MASS_ID), config="huge")
-    with pytest.raises(ConfigError, match="plan_dtype"):
-        dataclasses.replace(TINY, plan_dtype="float16")
+    with pytest.raises(ConfigError, match="plan-dtype"):
+        PlannerConfig(plan_dtype="float16")
 
 
 def test_known_task_plans_with_its_reward_and_unknown_task_learns_one():
@@ -120,7 +120,7 @@ def test_learned_reward_head_trains_and_plans():
     predicted = agent.model(data.x).mean[agent.model.elite_mask].mean(0)[:, -1].detach()
     assert np.corrcoef(predicted, data.y[:, -1])[0, 1] > 0.9
     agent.evaluator.set_start(torch.zeros(2))
-    assert torch.isfinite(agent.evaluator(torch.zeros(5, TINY.horizon, 2))).all()
+    assert torch.isfinite(agent.evaluator(torch.zeros(5, TINY.planner.horizon, 2))).all()
 
 
 @pytest.mark.slow
@@ -212,14 +212,15 @@ def test_train_and_eval_commands_write_their_files(tmp_path, capsys):
     assert exit_info.value.code == 2 and f"--resume {run}" in capsys.readouterr().err
 
 
-def test_plan_dtype_option_reaches_pets_and_is_refused_elsewhere(tmp_path, capsys):
-    from agents.commands import TrainConfig, agent_config
+def test_planner_options_reach_pets_and_are_refused_elsewhere(tmp_path, capsys):
+    from agents.commands import TrainConfig
     from mbrl_bilevel.cli import main
 
-    assert agent_config(TrainConfig(preset="cpu", plan_dtype="bfloat16")).plan_dtype == "bfloat16"
+    config = TrainConfig(preset="cpu", planner=PlannerConfig(plan_dtype="bfloat16"))
+    assert config.agent_config().planner.plan_dtype == "bfloat16"
     for args, message in (
-        (["--plan-dtype", "float16"], "plan_dtype"),
-        (["--agent", "mbpo", "--preset", "mbpo", "--plan-dtype", "bfloat16"], "PETS only"),
+        (["--planner.plan-dtype", "float16"], "plan-dtype"),
+        (["--agent", "mbpo", "--preset", "mbpo", "--planner.plan-dtype", "bfloat16"], "pets only"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             main(["train", "--out-dir", str(tmp_path), "--no-progress", *args])

@@ -27,9 +27,10 @@ def test_bench_plan_counts_the_model_flops_and_reports_ratios(tmp_path, capsys):
     )
     row = json.loads((tmp_path / "plan" / "summary.json").read_text())["rows"][0]
     tiny = PRESETS["tiny"]
-    rows = icem_candidates_per_step(tiny) * tiny.particles * tiny.horizon
+    planner = tiny.planner
+    rows = icem_candidates_per_step(planner) * planner.particles * planner.horizon
     assert row["model_gflop"] == pytest.approx(
-        rows * linear_flops_per_row(11, 9, tiny.hidden) / 1e9
+        rows * linear_flops_per_row(11, 9, tiny.model.hidden) / 1e9
     )
     assert row["ratio"] == pytest.approx(row["ms_per_step"] / row["bound_ms"])
     assert row["ratio"] > 1.0 and row["dtype"] == "float32"

@@ -123,7 +123,7 @@ def test_a_run_saved_before_a_field_existed_groups_with_its_default(runs, tmp_pa
     old = tmp_path / "old-runs" / "pm-s1"
     shutil.copytree(runs / "pm-s1", old)
     config = json.loads((old / "config.json").read_text())
-    assert config.pop("plan_dtype") == "float32"  # the default, added after the run was made
+    assert config["planner"].pop("plan_dtype") == "float32"  # the default, added after the run
     (old / "config.json").write_text(json.dumps(config))
     out, text = write_report(
         ReportConfig(runs=(str(runs / "pm-s0"), str(old)), out=str(tmp_path / "report"))

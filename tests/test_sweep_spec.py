@@ -124,7 +124,7 @@ def test_bad_spec_is_refused_naming_the_problem(text, message):
     [
         ('[grid]\nenv = ["mbrl_bilevel/PointMass-v0", "NoSuchEnv-v0"]', "unknown environment"),
         ('[grid]\nenv = ["InvertedPendulum-v9"]', "InvertedPendulum-v9"),
-        ('[grid]\nsteps = [10, "many"]', "Error parsing --steps"),
+        ('[grid]\nsteps = [10, "many"]', "--steps: invalid literal"),
         ('[grid]\nagent = ["pets", "dreamer"]', "unknown agent 'dreamer'"),
         ("[grid]\nsteps = [10, 0]", "--steps must be > 0"),
         ('[grid]\nsteps = [10]\n[options]\nwhat = "x"', "unknown field 'what'"),

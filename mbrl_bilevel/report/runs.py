@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from mbrl_bilevel.configs import flatten
 from mbrl_bilevel.validation import ConfigError
 
 
@@ -154,21 +155,18 @@ def load_run(folder: Path) -> RunData:
         raise ConfigError(
             f"{folder} is a {command or 'unknown'} run; report reads {', '.join(KINDS)} runs"
         )
-    config = {**current_defaults(command), **config}
+    config = {**current_defaults(command), **flatten(config)}
     finals, curves = KINDS[command].read(folder, config, summary)
     return RunData(folder, command, config, finals, curves)
 
 
 def current_defaults(command: str) -> dict[str, Any]:
-    """The plain default values of `command`'s config fields, to fill in fields that a run
-    saved by an older version lacks (so it groups with new runs of the same settings)."""
+    """The default values of `command`'s config fields, flattened (nested groups as
+    "group.field"), to fill in fields that a run saved by an older version lacks (so it groups
+    with new runs of the same settings)."""
     from mbrl_bilevel.cli import COMMANDS  # the CLI imports this module
 
-    return {
-        f.name: f.default
-        for f in dataclasses.fields(COMMANDS[command][0])
-        if f.default is not dataclasses.MISSING
-    }
+    return flatten(dataclasses.asdict(COMMANDS[command][0]()))
 
 
 def find_runs(paths: list[str]) -> list[Path]:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import io
 import typing
+from collections.abc import Callable
 from typing import Any
 
 import tyro
 
+from mbrl_bilevel.command_line import parse_config
 from mbrl_bilevel.validation import ConfigError
 
 
@@ -28,18 +30,20 @@ def to_argv(config_type: type, options: dict[str, Any]) -> list[str]:
     return positional + flags
 
 
-def parse(config_type: type, argv: list[str], where: str) -> Any:
-    """The config that `argv` gives, or ConfigError with tyro's reason and `where` it came from."""
-    output = io.StringIO()
+def parse(
+    config_type: type,
+    argv: list[str],
+    where: str,
+    default: Callable[[list[str]], Any] | None = None,
+) -> Any:
+    """The config that `argv` gives (on top of `default(argv)`, where given), or ConfigError with
+    tyro's reason and `where` it came from."""
     try:
-        with contextlib.redirect_stderr(output), contextlib.redirect_stdout(output):
-            return tyro.cli(config_type, args=argv)
-    except SystemExit:
-        # tyro prints a title, a rule, then the reason ("Error parsing --steps: ...")
-        lines = [line.strip(" │") for line in output.getvalue().splitlines()]
-        lines = [line for line in lines if set(line) - set("-─ ")]
-        reason = lines[1] if len(lines) > 1 else " ".join(argv)
-        raise ConfigError(f"{where}: {reason}") from None
+        start = default(argv) if default is not None else None
+        with contextlib.redirect_stdout(io.StringIO()):
+            return parse_config(config_type, argv, start)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
 
 
 def _is_positional(config_type: type, path: str) -> bool:

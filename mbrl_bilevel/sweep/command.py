@@ -43,18 +43,21 @@ def run_sweep(
     commands: dict[str, type],
     check: Callable[[Any], None],
     module: str,
+    defaults: dict[str, Callable[[list[str]], Any]] | None = None,
 ) -> tuple[list[Outcome], Path]:
     """Check the spec and every run's options, run what is not finished, write
     runs/<sweep>/status.json as runs end. Returns the outcomes of the runs started now and the
     sweep folder.
 
     `commands` maps command names to config dataclasses, `check(config)` raises ConfigError for
-    a bad config, and `python -m <module> <command> ...` runs one command.
+    a bad config, `python -m <module> <command> ...` runs one command, and `defaults` maps the
+    commands whose defaults depend on their arguments to args -> default config (cli.DEFAULTS).
     """
     if config.jobs <= 0:
         raise ConfigError(f"--jobs must be > 0, got {config.jobs}")
     sweep = load_spec(config.spec, commands)
-    plan = plan_sweep(sweep, commands[sweep.command], check, module)
+    default = (defaults or {}).get(sweep.command)
+    plan = plan_sweep(sweep, commands[sweep.command], check, module, default)
     print(
         f"sweep {sweep.name}: {len(sweep.runs)} runs of `{sweep.command}` over "
         f"{', '.join(sweep.grid_fields)}: {len(plan.finished)} finished, "

@@ -25,10 +25,17 @@ class Plan:
     finished: list[str]
 
 
-def plan_sweep(sweep: Sweep, config_type: type, check: Callable[[Any], None], module: str) -> Plan:
-    """Parse and `check` every run's config (ConfigError naming the run), then sort the runs
-    by the state of their folders sweep.folder/<run>. Commands without `name` and `out_dir`
-    fields (eval, collect) make no run folder: their runs always start."""
+def plan_sweep(
+    sweep: Sweep,
+    config_type: type,
+    check: Callable[[Any], None],
+    module: str,
+    default: Callable[[list[str]], Any] | None = None,
+) -> Plan:
+    """Parse (on top of `default(args)`, where given) and `check` every run's config
+    (ConfigError naming the run), then sort the runs by the state of their folders
+    sweep.folder/<run>. Commands without `name` and `out_dir` fields (eval, collect) make no run
+    folder: their runs always start."""
     folder = sweep.folder.resolve()
     fields = {field.name for field in dataclasses.fields(config_type)}
     quiet = {"progress": False} if "progress" in fields else {}
@@ -38,7 +45,7 @@ def plan_sweep(sweep: Sweep, config_type: type, check: Callable[[Any], None], mo
         where = f"run {run.name}"
         place = {"name": run.name, "out_dir": str(folder)} if own_folder else {}
         args = to_argv(config_type, {**quiet, **run.options, **place})
-        config = parse(config_type, args, where)
+        config = parse(config_type, args, where, default)
         try:
             check(config)
         except ConfigError as error:
