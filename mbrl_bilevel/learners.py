@@ -70,7 +70,10 @@ DYNAMICS_LOSSES = (
     "bilevel-input",
 )
 ALIASES = {"pg": "pg-identity"}
-ESTIMATORS = ("score", "pathwise")
+ESTIMATORS = ("auto", "score", "pathwise")
+PATHWISE_BY_DEFAULT = ("pg-plugin", "pg-plugin-input-beta")
+"""The strategies whose pathwise gradient measured better offline than REINFORCE (docs: the
+dynamics record); the estimator "auto" gives them pathwise and the other PG strategies score."""
 
 
 @dataclass(frozen=True)
@@ -83,8 +86,10 @@ class PGOptions:
     """Samples G per input."""
     baseline: str = "mean"
     """Score-function baseline: none, mean (leave-one-out), grpo or min."""
-    estimator: str = "score"
-    """score (REINFORCE, the paper's) or pathwise (reparameterised, lower variance)."""
+    estimator: str = "auto"
+    """auto (pathwise for pg-plugin and pg-plugin-input-beta, where it measured better offline;
+    score for the other PG strategies), pathwise (reparameterised) or score (REINFORCE, the
+    paper's)."""
     refresh_every: int = 50
     """Steps between reward updates (pg-plugin's refreshes, bilevel's outer steps)."""
     outer_lr: float = 0.05
@@ -120,6 +125,13 @@ def check_strategy(strategy: str) -> str:
     return strategy
 
 
+def resolve_estimator(strategy: str, estimator: str) -> str:
+    """The PG estimator that `strategy` trains with under `estimator` ("auto" resolved)."""
+    if estimator != "auto":
+        return estimator
+    return "pathwise" if check_strategy(strategy) in PATHWISE_BY_DEFAULT else "score"
+
+
 def fixed_reward_matrix(strategy: str, train: Dataset, lam: float) -> torch.Tensor:
     """U [D, D] of a fixed-reward strategy (FIXED_REWARDS) from the training split."""
     eye = torch.eye(train.y.shape[1])
@@ -133,8 +145,8 @@ def fixed_reward_matrix(strategy: str, train: Dataset, lam: float) -> torch.Tens
     raise ConfigError(f"{strategy!r} is not a fixed-reward PG strategy")
 
 
-def _pg_loss(reward, options: PGOptions):
-    if options.estimator == "pathwise":
+def _pg_loss(reward, options: PGOptions, estimator: str):
+    if estimator == "pathwise":
         return PathwisePGLoss(reward, options.lam, options.generations)
     return PGLoss(reward, options.lam, options.generations, options.baseline)
 
@@ -179,10 +191,11 @@ def make_loss(strategy: str, in_dim: int, out_dim: int, seed: int = 0, options=N
     if strategy == "nll-beta":
         return BetaNLLLoss(options.beta), None
     reward, update = _reward_and_update(strategy, in_dim, out_dim, seed, options)
+    estimator = resolve_estimator(strategy, options.estimator)
     if strategy == "pg-plugin-input-beta":
-        loss = BetaPGLoss(reward, options.lam, options.generations, options.beta, options.estimator)
+        loss = BetaPGLoss(reward, options.lam, options.generations, options.beta, estimator)
         return loss, update
-    return _pg_loss(reward, options), update
+    return _pg_loss(reward, options, estimator), update
 
 
 def make_dynamics_learner(

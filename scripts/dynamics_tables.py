@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from mbrl_bilevel.dynamics import DynamicsConfig
-from mbrl_bilevel.learners import DYNAMICS_LOSSES
+from mbrl_bilevel.learners import DYNAMICS_LOSSES, resolve_estimator
 
 BETA_DEFAULT = DynamicsConfig.beta
 
@@ -34,8 +34,10 @@ def load(sweep: Path) -> pd.DataFrame:
         frame["dataset"] = Path(config["dataset"]).stem
         pg = frame["strategy"].str.startswith(("pg", "bilevel"))
         weighted = frame["strategy"].str.endswith("beta")
-        if config["estimator"] != "score":
-            frame.loc[pg, "strategy"] += f" ({config['estimator']})"
+        frame.loc[pg, "strategy"] = [
+            labelled(strategy, resolve_estimator(strategy, config["estimator"]))
+            for strategy in frame.loc[pg, "strategy"]
+        ]
         if config["beta"] != BETA_DEFAULT:
             frame.loc[weighted, "strategy"] += f" β = {config['beta']:g}"
         phases = frame["strategy"].str.startswith("pg-plugin-input-beta")
@@ -48,6 +50,11 @@ def load(sweep: Path) -> pd.DataFrame:
     rows = rows.iloc[rows["dataset"].map(dataset_order).argsort(kind="stable")]
     order = rows["strategy"].map(lambda s: (DYNAMICS_LOSSES.index(s.split(" ")[0]), s))
     return rows.iloc[order.argsort(kind="stable")]
+
+
+def labelled(strategy: str, estimator: str) -> str:
+    """The strategy's name, with its estimator when that is not the score function."""
+    return strategy if estimator == "score" else f"{strategy} ({estimator})"
 
 
 def dataset_order(name: str) -> tuple[str, bool, str]:
