@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import tyro
 
+from mbrl_bilevel.report.control import control_report
 from mbrl_bilevel.report.runs import KINDS, RunData, find_runs, load_run
 from mbrl_bilevel.reporting import group_by, markdown_table, plot_curves, summary_table
 from mbrl_bilevel.runs import atomic_write_text, safe_name, save_figure, write_json
@@ -120,13 +121,14 @@ def default_out(paths: tuple[str, ...]) -> Path:
 
 
 def write_report(config: ReportConfig) -> tuple[Path, str]:
-    """Read the runs, write report.md, numbers.json, curves_<command>.png and hparams/ to the
-    output folder; returns (output folder, markdown text)."""
+    """Read the runs, write report.md, numbers.json, curves_<command>.png, hparams/ and, for
+    agent runs, the control benchmark's section and control_<agent>_<env>.png to the output
+    folder; returns (output folder, markdown text)."""
     runs = [load_run(folder) for folder in find_runs(list(config.runs))]
     out = Path(config.out) if config.out else default_out(config.runs)
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "hparams", ignore_errors=True)  # a report replaces the last one
-    for old in out.glob("curves_*.png"):
+    for old in [*out.glob("curves_*.png"), *out.glob("control_*.png")]:
         old.unlink()
     by_command: dict[str, list[RunData]] = {}
     for run in runs:
@@ -134,6 +136,9 @@ def write_report(config: ReportConfig) -> tuple[Path, str]:
     sections, numbers = [], {}
     for command, members in by_command.items():
         text, numbers[command] = report_kind(members, out, config.band)
+        sections.append(text)
+    if "train" in by_command:
+        text, numbers["control"] = control_report(by_command["train"], out)
         sections.append(text)
     text = "\n".join(sections)
     atomic_write_text(out / "report.md", text)
