@@ -104,7 +104,7 @@ def run_sweep(config: SweepConfig) -> None:
         raise SystemExit(130) from None
     if config.report and not config.dry_run and list(folder.glob("*/summary.json")):
         try:
-            out, _ = write_report(ReportConfig(runs=(str(folder),)))
+            out, _ = write_report(ReportConfig(runs=(str(folder),)), CONFIG_TYPES)
             print(f"report: {out / 'report.md'}")
         except ConfigError as error:  # runs of a kind report does not read (bench, ...)
             print(f"no report: {error}")
@@ -121,8 +121,10 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "collect": (CollectConfig, run_collect),
     "dynamics": (DynamicsConfig, run_dynamics),
     "sweep": (SweepConfig, run_sweep),
-    "report": (ReportConfig, run_report),
+    "report": (ReportConfig, lambda config: run_report(config, CONFIG_TYPES)),
 }
+CONFIG_TYPES = {name: config_type for name, (config_type, _) in COMMANDS.items()}
+"""Each command's config dataclass (for the report, which fills in fields old runs lack)."""
 
 
 DEFAULTS: dict[str, Callable[[list[str]], Any]] = {"train": train_defaults}

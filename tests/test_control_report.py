@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from mbrl_bilevel.cli import CONFIG_TYPES
 from mbrl_bilevel.report.command import ReportConfig, write_report
 from mbrl_bilevel.report.control import RunSummary, paired_difference
 
@@ -68,7 +69,9 @@ def test_report_of_agent_runs_has_the_control_section_and_figure(tmp_path):
         )
         write_run(runs / f"s{seed}", "mbpo", "Hopper-v5", "nll", seed, [90, 95, 99], preset="sac")
         write_run(runs / f"c{seed}", "pets", "HalfCheetah-v5", "nll", seed, [-50, 100])
-    out, text = write_report(ReportConfig(runs=(str(runs),), out=str(tmp_path / "report")))
+    out, text = write_report(
+        ReportConfig(runs=(str(runs),), out=str(tmp_path / "report")), CONFIG_TYPES
+    )
     assert "## MBPO on Hopper" in text and "## PETS on HalfCheetah" in text
     assert (out / "control_mbpo_Hopper.png").is_file()
     assert (out / "control_pets_HalfCheetah.png").is_file()

@@ -11,7 +11,7 @@ from scipy import stats
 from agents.commands import TrainConfig, run_train
 from envs import POINT_MASS_ID, make_env
 from envs.collect import collect
-from mbrl_bilevel.cli import main
+from mbrl_bilevel.cli import CONFIG_TYPES, main
 from mbrl_bilevel.dynamics import DynamicsConfig
 from mbrl_bilevel.dynamics import run_study as run_dynamics
 from mbrl_bilevel.gaussian import GaussianConfig
@@ -72,7 +72,7 @@ def runs(tmp_path_factory):
 
 
 def test_report_of_every_kind(runs, tmp_path):
-    out, text = write_report(ReportConfig(runs=(str(runs),), out=str(tmp_path)))
+    out, text = write_report(ReportConfig(runs=(str(runs),), out=str(tmp_path)), CONFIG_TYPES)
     assert (out / "report.md").read_text() == text
     for command in ("train", "gaussian", "tabular", "dynamics"):
         assert f"## {command} (run folders: " in text
@@ -101,7 +101,7 @@ def test_hparams_hold_group_values_and_metrics(runs, tmp_path):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     out, _ = write_report(
-        ReportConfig(runs=(str(runs / "g0.5"), str(runs / "g1.0")), out=str(tmp_path))
+        ReportConfig(runs=(str(runs / "g0.5"), str(runs / "g1.0")), out=str(tmp_path)), CONFIG_TYPES
     )
     sessions = sorted((out / "hparams" / "gaussian").iterdir())
     sessions = [s for s in sessions if s.is_dir()]
@@ -126,7 +126,8 @@ def test_a_run_saved_before_a_field_existed_groups_with_its_default(runs, tmp_pa
     assert config["planner"].pop("plan_dtype") == "float32"  # the default, added after the run
     (old / "config.json").write_text(json.dumps(config))
     out, text = write_report(
-        ReportConfig(runs=(str(runs / "pm-s0"), str(old)), out=str(tmp_path / "report"))
+        ReportConfig(runs=(str(runs / "pm-s0"), str(old)), out=str(tmp_path / "report")),
+        CONFIG_TYPES,
     )
     numbers = json.loads((out / "numbers.json").read_text())
     assert list(numbers["train"]) == ["train"] and "plan_dtype" not in text
@@ -175,7 +176,9 @@ def test_an_archived_dynamics_run_without_tensorboard_events_reports_its_finals(
     """results/ keeps no TensorBoard events: the table still comes from metrics.csv."""
     archived = tmp_path / "archive" / "d"
     shutil.copytree(runs / "d", archived, ignore=shutil.ignore_patterns("tb"))
-    out, text = write_report(ReportConfig(runs=(str(archived),), out=str(tmp_path / "report")))
+    out, text = write_report(
+        ReportConfig(runs=(str(archived),), out=str(tmp_path / "report")), CONFIG_TYPES
+    )
     numbers = json.loads((out / "numbers.json").read_text())
     assert numbers["dynamics"]["mse"]["rmse"]["n"] == 2
     assert "## dynamics (run folders: " in text

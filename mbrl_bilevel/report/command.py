@@ -120,11 +120,12 @@ def default_out(paths: tuple[str, ...]) -> Path:
     return Path("runs") / f"report-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def write_report(config: ReportConfig) -> tuple[Path, str]:
+def write_report(config: ReportConfig, config_types: dict[str, type]) -> tuple[Path, str]:
     """Read the runs, write report.md, numbers.json, curves_<command>.png, hparams/ and, for
     agent runs, the control benchmark's section and control_<agent>_<env>.png to the output
-    folder; returns (output folder, markdown text)."""
-    runs = [load_run(folder) for folder in find_runs(list(config.runs))]
+    folder; returns (output folder, markdown text). `config_types` maps commands to their config
+    dataclasses (cli.CONFIG_TYPES)."""
+    runs = [load_run(folder, config_types) for folder in find_runs(list(config.runs))]
     out = Path(config.out) if config.out else default_out(config.runs)
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "hparams", ignore_errors=True)  # a report replaces the last one
@@ -146,8 +147,8 @@ def write_report(config: ReportConfig) -> tuple[Path, str]:
     return out, text
 
 
-def run_report(config: ReportConfig) -> None:
-    out, text = write_report(config)
+def run_report(config: ReportConfig, config_types: dict[str, type]) -> None:
+    out, text = write_report(config, config_types)
     print(text)
     print(
         f"report: {out / 'report.md'}\nTensorBoard hparams: tensorboard --logdir {out / 'hparams'}"

@@ -141,8 +141,10 @@ KINDS: dict[str, Kind] = {
 }
 
 
-def load_run(folder: Path) -> RunData:
-    """Read a finished run folder (config.json and summary.json), or raise ConfigError."""
+def load_run(folder: Path, config_types: dict[str, type]) -> RunData:
+    """Read a finished run folder (config.json and summary.json), or raise ConfigError; fields
+    its config lacks (saved by an older version) get the defaults of its command's config type
+    in `config_types`, so it groups with new runs of the same settings."""
     try:
         config = json.loads((folder / "config.json").read_text())
         summary = json.loads((folder / "summary.json").read_text())
@@ -155,18 +157,10 @@ def load_run(folder: Path) -> RunData:
         raise ConfigError(
             f"{folder} is a {command or 'unknown'} run; report reads {', '.join(KINDS)} runs"
         )
-    config = {**current_defaults(command), **flatten(config)}
+    defaults = flatten(dataclasses.asdict(config_types[command]()))
+    config = {**defaults, **flatten(config)}
     finals, curves = KINDS[command].read(folder, config, summary)
     return RunData(folder, command, config, finals, curves)
-
-
-def current_defaults(command: str) -> dict[str, Any]:
-    """The default values of `command`'s config fields, flattened (nested groups as
-    "group.field"), to fill in fields that a run saved by an older version lacks (so it groups
-    with new runs of the same settings)."""
-    from mbrl_bilevel.cli import COMMANDS  # the CLI imports this module
-
-    return flatten(dataclasses.asdict(COMMANDS[command][0]()))
 
 
 def find_runs(paths: list[str]) -> list[Path]:
