@@ -1,6 +1,7 @@
 """What PETS and MBPO share: the checks on env and preset, the ensemble and its dynamics learner,
 the Stable-Baselines3 surface (callbacks, logger, get_env), the episode loop, model retraining on
-real transitions, and save/load of the common state (weights, counters, RNG states).
+real transitions, and save/load of the common state (weights, counters, RNG states) in a
+checkpoint verified by its SHA-256.
 
 A subclass sets `config_type`, `presets` and `timing_key`, and fills in `_setup` (its policy),
 `_act` (the policy after the random phase), `predict`, and the hooks `_after_step`,
@@ -10,7 +11,6 @@ A subclass sets `config_type`, `presets` and `timing_key`, and fills in `_setup`
 from __future__ import annotations
 
 import dataclasses
-import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +24,7 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import DummyVecEnv
 from tqdm.auto import tqdm
 
+from agents.checkpoints import checkpoint_bytes, read_checkpoint
 from envs.tasks import task_functions
 from mbrl_bilevel.configs import check_positive_fields, from_dict, replace_fields
 from mbrl_bilevel.data import random_split
@@ -208,33 +209,17 @@ class ModelBasedAgent:
         callback.on_training_end()
         return self
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, previous: str | Path | None = None) -> None:
         """Write config, model weights, counters, RNG states and the subclass's state to one file,
-        atomically."""
-        state = {
-            "config": dataclasses.asdict(self.config),
-            "dynamics_loss": self.dynamics_loss,
-            "seed": self.seed,
-            "model": self.model.state_dict(),
-            "num_timesteps": self.num_timesteps,
-            "episode_returns": self.episode_returns,
-            "episode_lengths": self.episode_lengths,
-            "model_trained": self.model_trained,
-            "model_log": self.model_log,
-            "learner": self.learner.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "numpy_rng": self.rng.bit_generator.state,
-            "action_space_rng": self.env.action_space.np_random.bit_generator.state,
-        } | self._extra_state()
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        atomic_write_bytes(path, buffer.getvalue())
+        atomically, behind a SHA-256 header (checkpoints.CHECKPOINT_FORMAT); with `previous`, the
+        file it replaces is kept there."""
+        atomic_write_bytes(path, checkpoint_bytes(self._state()), previous)
 
     @classmethod
     def load(cls, path: str | Path, env: gym.Env, **kwargs):
-        if not Path(path).is_file():
-            raise ConfigError(f"no saved agent at {path}")
-        state = torch.load(path, weights_only=False)
+        """The agent saved at `path` (format 1 or 2) on `env`; CheckedFileError if the file is
+        missing, torn, altered or of another format."""
+        state = read_checkpoint(path)
         config = from_dict(cls.config_type, state["config"])
         agent = cls(env, state["dynamics_loss"], config, seed=state["seed"], **kwargs)
         agent.model.load_state_dict(state["model"])
@@ -249,6 +234,24 @@ class ModelBasedAgent:
         if "action_space_rng" in state:  # checkpoints written before it was saved lack it
             env.action_space.np_random.bit_generator.state = state["action_space_rng"]
         return agent
+
+    def _state(self) -> dict[str, Any]:
+        """Everything `load` restores."""
+        return {
+            "config": dataclasses.asdict(self.config),
+            "dynamics_loss": self.dynamics_loss,
+            "seed": self.seed,
+            "model": self.model.state_dict(),
+            "num_timesteps": self.num_timesteps,
+            "episode_returns": self.episode_returns,
+            "episode_lengths": self.episode_lengths,
+            "model_trained": self.model_trained,
+            "model_log": self.model_log,
+            "learner": self.learner.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": self.rng.bit_generator.state,
+            "action_space_rng": self.env.action_space.np_random.bit_generator.state,
+        } | self._extra_state()
 
     # ----------------------------------------------------------------- subclass hooks
 

@@ -1,33 +1,43 @@
 """`mbrl-bilevel train` and `mbrl-bilevel eval`: train an agent on a Gymnasium task into
-runs/<name>/ (resumable from its checkpoint), and evaluate a trained run, optionally on video."""
+runs/<name>/ (resumable from its checkpoints, one live run per folder), and evaluate a trained
+run, optionally on video."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import torch
 import tyro
-from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
+from stable_baselines3.common.callbacks import EvalCallback
 from stable_baselines3.common.monitor import Monitor
 
-from agents.base import AgentConfig, ModelConfig
+from agents.base import AgentConfig, ModelBasedAgent, ModelConfig
+from agents.checkpoints import CHECKPOINT, EpisodeCheckpoint, load_newest, previous_path
 from agents.mbpo import MBPO, DynaConfig
 from agents.pets import PETS, PlannerConfig
 from envs.make import make_env
 from mbrl_bilevel.configs import check_positive_fields, from_dict
 from mbrl_bilevel.learners import PGOptions, check_strategy, resolve_estimator
 from mbrl_bilevel.reporting import plot_curves
-from mbrl_bilevel.runs import create_run_dir, save_figure, write_csv, write_json
+from mbrl_bilevel.runs import (
+    create_run_dir,
+    remove_temporaries,
+    run_lock,
+    save_figure,
+    write_csv,
+    write_json,
+)
 from mbrl_bilevel.validation import ConfigError
 
 AGENTS = {"pets": PETS, "mbpo": MBPO}
-CHECKPOINT = "checkpoints/agent.pt"
 
 
 @dataclass(frozen=True)
@@ -96,20 +106,25 @@ class TrainConfig:
         AGENTS[self.agent].preset(self.preset, self.env)  # an unknown preset
 
     def agent_config(self) -> AgentConfig:
-        """The agent's config: the groups of its agent."""
+        """The agent's config: the groups of its agent, the PG estimator resolved (so that a
+        fresh agent and one resumed from config.json hold the same config)."""
         groups = {
             "model": self.model,
-            "pg": self.pg,
+            "pg": self.resolved_pg(),
             AGENT_GROUP[self.agent]: getattr(self, AGENT_GROUP[self.agent]),
         }
         return AGENTS[self.agent].config_type(**groups)
+
+    def resolved_pg(self) -> PGOptions:
+        """--pg.* with the estimator "auto" replaced by the one the dynamics loss trains with."""
+        estimator = resolve_estimator(self.dynamics_loss, self.pg.estimator)
+        return dataclasses.replace(self.pg, estimator=estimator)
 
     def saved(self) -> dict:
         """What config.json records: every field resolved (the PG estimator too), without the
         other agent's group."""
         saved = {k: v for k, v in asdict(self).items() if k != FOREIGN_GROUP[self.agent]}
-        saved["pg"]["estimator"] = resolve_estimator(self.dynamics_loss, self.pg.estimator)
-        return saved
+        return saved | {"pg": asdict(self.resolved_pg())}
 
 
 AGENT_GROUP = {"pets": "planner", "mbpo": "mbpo"}
@@ -142,79 +157,87 @@ def train_defaults(args: list[str]) -> TrainConfig:
     )
 
 
-class EpisodeCheckpoint(BaseCallback):
-    """Save the agent (atomically) at the end of the first episode after `every` env steps since
-    the last save (every=1: after every episode), so a killed run loses at most the steps since."""
-
-    def __init__(self, path: Path, every: int = 1):
-        super().__init__()
-        self.path, self.every, self.saved_at = path, every, 0
-
-    def _on_training_start(self) -> None:
-        self.saved_at = self.model.num_timesteps
-
-    def _on_step(self) -> bool:
-        return True
-
-    def _on_rollout_end(self) -> None:
-        if self.model.num_timesteps - self.saved_at >= self.every:
-            self.model.save(self.path)
-            self.saved_at = self.model.num_timesteps
-
-
 class SeededEvalCallback(EvalCallback):
     """Stable-Baselines3's EvalCallback whose evaluation at env step t resets the evaluation env
     with the seed `seed + t`: each evaluation depends only on the agent and t, so a resumed run
-    repeats the evaluations of the run it continues."""
+    repeats the evaluations of the run it continues. Stable-Baselines3 writes its
+    evaluations.npz in place, where a kill can tear it: here it writes a scratch file that then
+    replaces `log_path`/evaluations.npz in one rename."""
 
-    def __init__(self, eval_env, seed: int, **kwargs):
-        super().__init__(eval_env, **kwargs)
+    def __init__(self, eval_env, seed: int, log_path: str | Path, **kwargs):
+        super().__init__(eval_env, log_path=str(log_path), **kwargs)
         self.seed = seed
+        self.evaluations_path = Path(log_path) / "evaluations.npz"
+        self.log_path = str(Path(log_path) / ".evaluations.partial")  # np.savez adds .npz
 
     def _on_step(self) -> bool:
-        if self.eval_freq > 0 and self.n_calls % self.eval_freq == 0:
+        due = self.eval_freq > 0 and self.n_calls % self.eval_freq == 0
+        if due:
             self.eval_env.seed(self.seed + self.n_calls)
-        return super()._on_step()
+        keep_going = super()._on_step()
+        if due:
+            os.replace(f"{self.log_path}.npz", self.evaluations_path)
+        return keep_going
+
+    def restore(self, up_to_step: int) -> None:
+        """Continue from step `up_to_step` (a checkpoint's): evaluate at the steps an
+        uninterrupted run does and keep the saved evaluations up to that step (later ones are
+        made again)."""
+        self.n_calls = up_to_step
+        if not self.evaluations_path.is_file():
+            return
+        with np.load(self.evaluations_path) as saved:
+            kept = saved["timesteps"] <= up_to_step
+            self.evaluations_timesteps = saved["timesteps"][kept].tolist()
+            self.evaluations_results = saved["results"][kept].tolist()
+            self.evaluations_length = saved["ep_lengths"][kept].tolist()
 
 
 def run_train(config: TrainConfig) -> None:
+    """Train into a new run folder, or go on with config.resume's; the folder is locked while
+    the run lives."""
     os.environ.setdefault("MUJOCO_GL", "egl")
-    if config.resume:
-        run_dir = Path(config.resume)
-        if not (run_dir / "config.json").is_file():
-            raise ConfigError(f"{run_dir} is not a run folder (no config.json)")
-        saved = json.loads((run_dir / "config.json").read_text())
-        config = from_dict(
-            TrainConfig, {**saved, "resume": config.resume, "progress": config.progress}
-        )
+    config = resumed_config(config) if config.resume else config
     torch.set_num_threads(config.threads)
-    env, eval_env = (
-        make_env(config.env, seed=config.seed),
-        Monitor(make_env(config.env, seed=config.seed + 1)),  # true episode returns in eval
+    env = make_env(config.env, seed=config.seed)  # a bad env id fails before any folder is made
+    run_dir = Path(config.resume) if config.resume else new_run_dir(config)
+    with run_lock(run_dir):
+        remove_temporaries(run_dir)
+        train_in(run_dir, config, env)
+
+
+def resumed_config(config: TrainConfig) -> TrainConfig:
+    """The config saved in the run folder config.resume, with this call's resume and progress."""
+    run_dir = Path(config.resume)
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no config.json)")
+    saved = json.loads((run_dir / "config.json").read_text())
+    return from_dict(TrainConfig, {**saved, "resume": config.resume, "progress": config.progress})
+
+
+def new_run_dir(config: TrainConfig) -> Path:
+    """runs/<name>: config.name, else <env>-<agent>-<loss>-s<seed>-<date>-<time>."""
+    name = config.name or (
+        f"{config.env}-{config.agent}-{config.dynamics_loss}-s{config.seed}-"
+        f"{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    name = config.name or f"{config.env}-{config.agent}-{config.dynamics_loss}-s{config.seed}"
-    run_dir = (
-        Path(config.resume)
-        if config.resume
-        else create_run_dir(
-            config.out_dir,
-            f"{name}-{time.strftime('%Y%m%d-%H%M%S')}" if not config.name else name,
-            "",
-        )
-    )
+    return create_run_dir(config.out_dir, name, "")
+
+
+def train_in(run_dir: Path, config: TrainConfig, env: gym.Env) -> None:
+    """Train the agent of `run_dir` on `env` (from its newest usable checkpoint when resuming)
+    up to config.steps, evaluating and checkpointing on the way, then write the run's
+    outputs."""
     checkpoint = run_dir / CHECKPOINT
-    if not config.resume and checkpoint.is_file():
+    if not config.resume and (checkpoint.is_file() or previous_path(checkpoint).is_file()):
         raise ConfigError(
             f"{run_dir} holds an interrupted run: continue it with --resume {run_dir}, "
             "or pass another --name"
         )
     write_json(run_dir / "config.json", config.saved() | {"resume": None})
-    agent_type = AGENTS[config.agent]
-    if config.resume and checkpoint.is_file():
-        agent = agent_type.load(checkpoint, env, tensorboard_log=str(run_dir))
-        print(f"resumed at step {agent.num_timesteps} from {checkpoint}")
-    else:
-        agent = agent_type(
+    agent = resumed_agent(config, run_dir, env) if config.resume else None
+    if agent is None:
+        agent = AGENTS[config.agent](
             env,
             dynamics_loss=config.dynamics_loss,
             config=config.agent_config(),
@@ -222,15 +245,14 @@ def run_train(config: TrainConfig) -> None:
             seed=config.seed,
         )
     evaluation = SeededEvalCallback(
-        eval_env,
+        Monitor(make_env(config.env, seed=config.seed + 1)),  # true episode returns in eval
         seed=config.seed + 1,
         n_eval_episodes=config.eval_episodes,
         eval_freq=config.eval_every,
-        log_path=str(run_dir / "eval"),
+        log_path=run_dir / "eval",
         verbose=0,
     )
-    evaluation.n_calls = agent.num_timesteps  # a resumed run evaluates at the same steps
-    restore_evaluations(evaluation, run_dir / "eval" / "evaluations.npz", agent.num_timesteps)
+    evaluation.restore(agent.num_timesteps)  # a resumed run evaluates at the same steps
     start, steps_before = time.perf_counter(), agent.num_timesteps
     agent.learn(
         config.steps,
@@ -238,20 +260,23 @@ def run_train(config: TrainConfig) -> None:
         progress_bar=config.progress,
     )
     seconds_per_step = (time.perf_counter() - start) / max(agent.num_timesteps - steps_before, 1)
-    agent.save(checkpoint)
+    agent.save(checkpoint, previous_path(checkpoint))
     _write_outputs(run_dir, agent, evaluation, seconds_per_step, config.seed)
 
 
-def restore_evaluations(evaluation: EvalCallback, path: Path, up_to_step: int) -> None:
-    """Give a resumed run's `evaluation` the evaluations saved at steps <= `up_to_step` (the
-    checkpoint's), so its evaluations.npz keeps them; later ones are made again."""
-    if not path.is_file():
-        return
-    saved = np.load(path)
-    kept = saved["timesteps"] <= up_to_step
-    evaluation.evaluations_timesteps = saved["timesteps"][kept].tolist()
-    evaluation.evaluations_results = saved["results"][kept].tolist()
-    evaluation.evaluations_length = saved["ep_lengths"][kept].tolist()
+def resumed_agent(config: TrainConfig, run_dir: Path, env: gym.Env) -> ModelBasedAgent | None:
+    """The agent of the newest usable checkpoint of `run_dir` (None before the first one). A
+    newest checkpoint passed over as unusable is renamed agent.pt.unusable, so that the next
+    save does not keep it as the previous one."""
+    checkpoint = run_dir / CHECKPOINT
+    loaded = load_newest(AGENTS[config.agent], checkpoint, env, tensorboard_log=str(run_dir))
+    if loaded is None:
+        return None
+    agent, used = loaded
+    if used != checkpoint and checkpoint.exists():
+        os.replace(checkpoint, checkpoint.with_name(f"{checkpoint.name}.unusable"))
+    print(f"resumed at step {agent.num_timesteps} from {used}")
+    return agent
 
 
 def _write_outputs(
@@ -308,8 +333,8 @@ def run_eval(config: EvalConfig) -> None:
     os.environ.setdefault("MUJOCO_GL", "egl")
     run_dir = Path(config.run)
     checkpoint = run_dir / CHECKPOINT
-    if not checkpoint.is_file() or not (run_dir / "config.json").is_file():
-        raise ConfigError(f"{run_dir} has no config.json and {CHECKPOINT}: not a trained run")
+    if not (run_dir / "config.json").is_file():
+        raise not_trained(run_dir)
     if config.episodes <= 0:
         raise ConfigError(f"--episodes must be > 0, got {config.episodes}")
     train_config = json.loads((run_dir / "config.json").read_text())
@@ -318,7 +343,10 @@ def run_eval(config: EvalConfig) -> None:
         if "rgb_array" not in env.metadata.get("render_modes", []):
             raise ConfigError(f"{train_config['env']} cannot render frames: drop --video")
         env = make_env(train_config["env"], seed=config.seed, render_mode="rgb_array")
-    agent = AGENTS[train_config["agent"]].load(checkpoint, env)
+    loaded = load_newest(AGENTS[train_config["agent"]], checkpoint, env)
+    if loaded is None:
+        raise not_trained(run_dir)
+    agent = loaded[0]
     returns, frames = [], []
     for episode in range(config.episodes):
         obs, _ = env.reset(seed=config.seed + episode)
@@ -348,3 +376,7 @@ def run_eval(config: EvalConfig) -> None:
         result["video"] = str(path)
     write_json(run_dir / "eval.json", result)
     print(json.dumps(result, indent=2))
+
+
+def not_trained(run_dir: Path) -> ConfigError:
+    return ConfigError(f"{run_dir} has no config.json and {CHECKPOINT}: not a trained run")
