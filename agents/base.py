@@ -1,7 +1,7 @@
 """What PETS and MBPO share: the checks on env and preset, the ensemble and its dynamics learner,
 the Stable-Baselines3 surface (callbacks, logger, get_env), the episode loop, model retraining on
-real transitions, and save/load of the common state (weights, counters, RNG states) in a
-checkpoint verified by its SHA-256.
+real transitions (a retraining that diverges is undone), and save/load of the common state
+(weights, counters, RNG states) in a checkpoint verified by its SHA-256.
 
 A subclass sets `config_type`, `presets` and `timing_key`, and fills in `_setup` (its policy),
 `_act` (the policy after the random phase), `predict`, and the hooks `_after_step`,
@@ -10,7 +10,9 @@ A subclass sets `config_type`, `presets` and `timing_key`, and fills in `_setup`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,6 +169,8 @@ class ModelBasedAgent:
         self.model_log: list[dict[str, float]] = []
         """One row per retraining: step, val_rmse, val_nll (the elite mixture on the held-out
         split, Δ-state units, NLL per dimension)."""
+        self.faults: dict[str, int] = {"model_divergences": 0}
+        """How often each guarded fault happened (a subclass adds its own keys)."""
         self.logger = configure(tensorboard_log, ["tensorboard"] if tensorboard_log else [])
         self._vec_env = DummyVecEnv([lambda: env])
         self._setup()
@@ -227,6 +231,7 @@ class ModelBasedAgent:
         agent.episode_returns = state["episode_returns"]
         agent.episode_lengths = state["episode_lengths"]
         agent.model_log = state["model_log"]
+        agent.faults |= state.get("faults", {})  # format 1 has no fault counters
         agent.learner.load_state_dict(state["learner"])
         agent._restore(state)
         torch.set_rng_state(state["torch_rng"])
@@ -247,6 +252,7 @@ class ModelBasedAgent:
             "episode_lengths": self.episode_lengths,
             "model_trained": self.model_trained,
             "model_log": self.model_log,
+            "faults": self.faults,
             "learner": self.learner.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "numpy_rng": self.rng.bit_generator.state,
@@ -329,12 +335,22 @@ class ModelBasedAgent:
 
     def _train_model(self, data: Transitions) -> None:
         """Retrain the ensemble on Δ-state targets of `data`, with a random validation split; log
-        the elite mixture's held-out RMSE and NLL per dimension (in Δ-state units) to model_log."""
+        the elite mixture's held-out RMSE and NLL per dimension (in Δ-state units) to model_log.
+        A retraining whose loss or weights become non-finite is undone (model and learner as they
+        were before it) and counted in faults["model_divergences"]."""
         dataset = data.model_dataset(delta=True, reward=self.task is None)
         generator = torch.Generator().manual_seed(self.seed + self.num_timesteps)
         fraction = self.config.model.val_fraction
         train, val = random_split(dataset, [1 - fraction, fraction], generator)
-        metrics = self.learner.fit(self.model, train, val)
+        before = copy.deepcopy((self.model.state_dict(), self.learner.state_dict()))
+        try:
+            metrics = self.learner.fit(self.model, train, val)
+            check_finite_weights(self.model)
+        except FloatingPointError as error:
+            self.model.load_state_dict(before[0])
+            self.learner.load_state_dict(before[1])
+            self._fault("model_divergences", f"model training diverged ({error}); undone")
+            return
         with torch.no_grad():
             quality = heldout_metrics(self.model.mixture(val.x), val.y)
         self.model_log.append(
@@ -345,6 +361,29 @@ class ModelBasedAgent:
         self.logger.record("model/heldout_rmse", quality["rmse"])
         self.logger.record("model/heldout_nll_per_dim", quality["nll"])
         self.model_trained = True
+
+    def _fault(self, key: str, message: str) -> None:
+        """Count a fault the run survives: faults[key] += 1, the TensorBoard scalar faults/<key>,
+        and, the first time, one line on stderr."""
+        self.faults[key] += 1
+        self.logger.record(f"faults/{key}", self.faults[key])
+        if self.faults[key] == 1:
+            tqdm.write(
+                f"warning: step {self.num_timesteps}: {message} (summary.json counts {key})",
+                file=sys.stderr,
+            )
+
+
+def check_finite_weights(model: torch.nn.Module) -> None:
+    """Raise FloatingPointError naming the parameters and buffers of `model` that hold NaN or
+    inf."""
+    bad = [
+        name
+        for name, tensor in model.state_dict().items()
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    ]
+    if bad:
+        raise FloatingPointError(f"non-finite weights after training: {', '.join(bad)}")
 
 
 def transitions_from_steps(steps: list[Step]) -> Transitions:

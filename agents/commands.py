@@ -309,6 +309,7 @@ def _write_outputs(
         "final_eval_return": final_eval,
         "last_episode_return": agent.episode_returns[-1] if rows else None,
         "seconds_per_env_step": seconds_per_step,
+        "faults": agent.faults,
     }
     write_json(run_dir / "summary.json", summary)
     print(json.dumps(summary, indent=2))

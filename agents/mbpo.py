@@ -5,6 +5,8 @@ Every real step goes to SAC's replay buffer (a MixedReplayBuffer); after the ran
 ensemble is retrained every `train_every` steps, every `rollout_every` steps `rollout_batch`
 rollouts of the scheduled length start from real states and fill the model buffer, and SAC takes
 `updates_per_step` gradient steps on batches with a `real_ratio` share of real transitions.
+After every episode the critic is checked against the returns the rewards allow (a diverged
+critic is counted in faults["critic_divergences"]; the run goes on).
 
 The Stable-Baselines3 surface: MBPO(env, dynamics_loss=..., tensorboard_log=..., seed=...),
 learn(total_timesteps, callback=None, progress_bar=False), predict(obs, deterministic=True),
@@ -14,6 +16,7 @@ save(path), MBPO.load(path, env).
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +28,12 @@ from agents.buffers import MixedReplayBuffer
 from agents.rollouts import branched_rollouts, rollout_length
 from mbrl_bilevel.configs import check_positive_fields
 from mbrl_bilevel.validation import ConfigError
+
+CRITIC_MARGIN = 10.0
+"""A critic has diverged when some |Q| exceeds this many times max |r| / (1 - γ), the largest
+discounted return the real rewards allow."""
+CRITIC_ROWS = 1024
+"""Newest real transitions the critic check evaluates Q on."""
 
 
 @dataclass(frozen=True)
@@ -186,6 +195,7 @@ class MBPO(ModelBasedAgent):
         )
         self.sac.set_logger(self.logger)
         self.generator = torch.Generator().manual_seed(self.seed)
+        self.faults["critic_divergences"] = 0
 
     @property
     def buffer(self) -> MixedReplayBuffer:
@@ -213,9 +223,32 @@ class MBPO(ModelBasedAgent):
             return
         if self.uses_model and step_index % config.train_every == 0:
             self._train_model(self.buffer.real_transitions(self.sac.policy.unscale_action))
-        if self.uses_model and step_index % config.rollout_every == 0:
+        if self.uses_model and self.model_trained and step_index % config.rollout_every == 0:
             self._rollout()
         self.sac.train(config.updates_per_step, config.sac_batch_size)
+
+    def _after_episode(self, steps: list[Step]) -> None:
+        if self.num_timesteps >= self.config.model.random_steps:  # SAC has been updated
+            self._check_critic()
+
+    def _check_critic(self) -> None:
+        """Log max |Q| of both critics on the newest real transitions and its bound
+        CRITIC_MARGIN · max |r| / (1 - γ) (max |r| over the real buffer); count a critic
+        divergence when it is beyond the bound or not finite. Draws no random numbers."""
+        size = self.buffer.real_size()
+        rows = (self.buffer.pos - 1 - np.arange(min(size, CRITIC_ROWS))) % size
+        obs = torch.as_tensor(self.buffer.observations[rows, 0], dtype=torch.float32)
+        actions = torch.as_tensor(self.buffer.actions[rows, 0], dtype=torch.float32)
+        with torch.no_grad():
+            q_max = torch.cat(self.sac.critic(obs, actions), dim=1).abs().max().item()
+        gamma, reward_max = self.config.mbpo.gamma, np.abs(self.buffer.rewards[:size, 0]).max()
+        bound = CRITIC_MARGIN * float(reward_max) / (1 - gamma) if gamma < 1 else math.inf
+        self.logger.record("train/q_abs_max", q_max)
+        self.logger.record("train/q_bound", bound)
+        if not q_max <= bound:
+            self._fault(
+                "critic_divergences", f"SAC's critic diverged: max |Q| {q_max:.4g} > {bound:.4g}"
+            )
 
     def _policy(self, obs: torch.Tensor) -> torch.Tensor:
         """SAC's stochastic action in env units [B, A] for obs [B, O]."""
