@@ -39,6 +39,8 @@ class MahalanobisReward(nn.Module):
     """Base class: subclasses define `matrix()`, the SPD matrix U [D, D]."""
 
     dim: int
+    diagonal = False
+    """Whether U (or every U(x)) is diagonal by construction."""
 
     def matrix(self) -> torch.Tensor:
         raise NotImplementedError
@@ -46,6 +48,10 @@ class MahalanobisReward(nn.Module):
     def matrix_at(self, x: torch.Tensor | None) -> torch.Tensor:
         """U at inputs x [B, in]: [D, D] here (constant), [B, D, D] for input-dependent rewards."""
         return self.matrix()
+
+    def diagonal_at(self, x: torch.Tensor | None) -> torch.Tensor:
+        """diag U at inputs x [B, in]: [D] for constant rewards, [B, D] for input-dependent ones."""
+        return self.matrix_at(x).diagonal(dim1=-2, dim2=-1)
 
     def forward(
         self, y_hat: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None = None
@@ -82,6 +88,8 @@ class FixedMahalanobis(MahalanobisReward):
 class ScalarMahalanobis(MahalanobisReward):
     """U = u·I with u = exp(log_u) learnable."""
 
+    diagonal = True
+
     def __init__(self, dim: int, scale: float = 1.0):
         super().__init__()
         check_positive(scale, "reward scale u")
@@ -94,6 +102,8 @@ class ScalarMahalanobis(MahalanobisReward):
 
 class DiagonalMahalanobis(MahalanobisReward):
     """U = diag(exp(log_diag)) with log_diag [D] learnable."""
+
+    diagonal = True
 
     def __init__(self, diagonal: torch.Tensor):
         super().__init__()
@@ -239,6 +249,8 @@ class DiagonalInputMahalanobis(InputDependentMahalanobis):
     (min_log, max_log)), the diagonal U(x) of a diagonal Gaussian model. Cheaper than the Cholesky
     variant: D outputs, and forward never builds [B, D, D] matrices."""
 
+    diagonal = True
+
     def __init__(
         self,
         in_dim: int,
@@ -260,12 +272,22 @@ class DiagonalInputMahalanobis(InputDependentMahalanobis):
         self.net[-1].weight.zero_()
         self.net[-1].bias.copy_(matrix.diagonal().log())
 
+    @torch.no_grad()
+    def rescale(self, log_factor: torch.Tensor) -> None:
+        """U(x) <- S U(x) S at every x, S = diag(exp(log_factor / 2)), log_factor [D]: log u(x)
+        shifted through the output layer's bias (bent slightly by the soft bounds: within 1% for
+        log-diagonals well inside them)."""
+        self.net[-1].bias.add_(log_factor.to(self.net[-1].bias))
+
     def log_diagonal_at(self, x: torch.Tensor | None) -> torch.Tensor:
         """log diag U(x) [..., D] at inputs x [..., in]."""
         return soft_bound(self.raw(x), self.min_log, self.max_log)
 
     def matrix_at(self, x: torch.Tensor | None) -> torch.Tensor:
         return torch.diag_embed(self.log_diagonal_at(x).exp())
+
+    def diagonal_at(self, x: torch.Tensor | None) -> torch.Tensor:
+        return self.log_diagonal_at(x).exp()
 
     def per_dimension(
         self, y_hat: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None = None

@@ -143,7 +143,7 @@ class BilevelLearner:
                 )
                 problem.set_theta(theta)
                 row = {
-                    "outer/hypergrad_norm": _checked_norm(
+                    "outer/hypergrad_norm": checked_norm(
                         hypergradient, "unrolled", self.outer_step + 1
                     )
                 }
@@ -168,7 +168,8 @@ def apply_hypergradient(problem: BilevelProblem, optimizer, hypergradient: torch
     optimizer.step()
 
 
-def _checked_norm(hypergradient: torch.Tensor, method: str, index: int) -> float:
+def checked_norm(hypergradient: torch.Tensor, method: str, index: int) -> float:
+    """‖dF/dφ‖, or FloatingPointError naming the method and outer step when it is not finite."""
     norm = float(hypergradient.norm())
     if not math.isfinite(norm):
         raise FloatingPointError(
@@ -188,14 +189,15 @@ def implicit_outer_step(
     """One implicit (IFT) outer step at the predictor's current θ: the hypergradient, then a step
     of `optimizer` on φ unless the linear solve is no better than v = 0 (relative residual >= 1:
     CG on an ill-conditioned or indefinite Hessian of -J; MINRES's never grows), which leaves φ
-    and the optimiser's moments untouched. `warm` is the previous solution v [P]. Returns
+    and the optimiser's moments untouched and is logged at INFO (never printed by default).
+    `warm` is the previous solution v [P]. Returns
     (solver/ and outer/ scalars, the v to warm-start the next solve, None after a failed one)."""
     hypergradient, v, info = implicit_hypergradient(
         problem, problem.theta(), problem.phi(), linear, warm
     )
     row = {"solver/residual": info.residual, "solver/iterations": float(info.iterations)}
     if info.residual >= 1.0:
-        log.warning(
+        log.info(
             "outer step %d skipped: the linear solve's relative residual is %.3g, no better "
             "than v = 0 (CG on an ill-conditioned or indefinite Hessian of -J; MINRES's "
             "residual never grows)",
@@ -203,6 +205,6 @@ def implicit_outer_step(
             info.residual,
         )
         return row | {"outer/hypergrad_norm": float(hypergradient.norm())}, None
-    row["outer/hypergrad_norm"] = _checked_norm(hypergradient, "implicit", index)
+    row["outer/hypergrad_norm"] = checked_norm(hypergradient, "implicit", index)
     apply_hypergradient(problem, optimizer, hypergradient)
     return row, (v if info.converged else None)

@@ -3,9 +3,13 @@
     inner:  θ*(φ) = argmin_θ L(θ, φ),   L = -J (a differentiable Objective on the train split)
     outer:  F(φ)  = NLL(θ*(φ)) on the held-out split (per-sample mean, lower is better)
 
-Implicit (IFT): dF/dφ = -∇²_φθ L · v with (∇²_θθ L + δI) v = ∇_θ NLL, solved from Hessian-vector
-products (double backward through one graph of ∇_θ L per outer step) by CG, MINRES, a Neumann
-series, or a dense solve.
+Implicit (IFT): dF/dφ = -∇²_φθ L · v with (C + δI) v = ∇_θ NLL, solved from curvature-vector
+products by CG, MINRES, a Neumann series, or a dense solve. The curvature C is either the exact
+Hessian ∇²_θθ L (double backward through one graph of ∇_θ L per outer step) or, for a diagonal
+Gaussian predictor, the Gauss–Newton matrix J_θᵀ H_out J_θ: L is a convex function ℓ of the
+outputs o = (mean, log-variance) (objectives.GaussianClosedForm.of_outputs), J_θ = ∂o/∂θ and
+H_out = ∇²_o ℓ, so C is positive semi-definite for every θ and CG never meets negative
+curvature. The two agree wherever o is linear in θ (∇²_θθ L = J_θᵀ H_out J_θ + Σ_o ∂ℓ/∂o ∇²_θ o).
 Unrolled: θ_K = K gradient steps θ ← θ - η ∇_θ L from θ_0, F = NLL(θ_K), differentiated in φ.
 
 θ [P] and φ [Q] are flat vectors; `BilevelProblem` maps them to the modules' parameters.
@@ -18,7 +22,7 @@ from functools import partial
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jacfwd
+from torch.func import functional_call, grad, jacfwd, vjp, vmap
 
 from mbrl_bilevel.data import Dataset
 from mbrl_bilevel.solvers.linear import (
@@ -30,7 +34,8 @@ from mbrl_bilevel.solvers.linear import (
     minres,
     neumann,
 )
-from mbrl_bilevel.solvers.objectives import Objective
+from mbrl_bilevel.solvers.objectives import Objective, is_diagonal_normal
+from mbrl_bilevel.validation import ConfigError
 
 
 class _Joint(nn.Module):
@@ -40,6 +45,18 @@ class _Joint(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.objective(self.predictor, self.reward, x, y)
+
+
+class _OutputObjective(nn.Module):
+    """J as a function of a diagonal Gaussian's outputs (the reward's parameters swappable)."""
+
+    def __init__(self, reward: nn.Module, objective: Objective):
+        super().__init__()
+        self.reward, self.objective = reward, objective
+
+    def forward(self, outputs: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        mean, log_var = outputs.chunk(2, dim=-1)
+        return self.objective.of_outputs(self.reward, mean, log_var, x, y)
 
 
 def _named(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -62,7 +79,9 @@ class BilevelProblem:
         theta_names: Collection[str] | None = None,
     ):
         self.joint = _Joint(predictor, reward, objective)
+        self.output_objective = _OutputObjective(reward, objective)
         self.predictor, self.reward, self.train, self.val = predictor, reward, train, val
+        self.objective = objective
         chosen = [theta_names is None or name in theta_names for name, _ in _named(predictor)]
         self._theta = [pair for pair, keep in zip(_named(predictor), chosen, strict=True) if keep]
         if not self._theta:
@@ -92,6 +111,21 @@ class BilevelProblem:
     def phi(self) -> torch.Tensor:
         return self._flat(self._phi)
 
+    def theta_parts(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A flat θ-shaped vector [P] as views shaped like the θ parameters, by name."""
+        return self._unflat(vector, self._theta, "")
+
+    def theta_flat(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The inverse of `theta_parts`: tensors shaped like the θ parameters, in order -> [P]."""
+        return torch.cat([part.reshape(-1) for part in parts])
+
+    def output_mixed(self, outputs: torch.Tensor, phi: torch.Tensor):
+        """u [..., B, 2D] -> ∇_φ ⟨∂ℓ/∂o (o, φ), u⟩ [Q] at the outputs o: the mixed product
+        ∇²_φθ L · v for u = J_θ v (exact, see `gauss_newton`)."""
+        output_grad = grad(self.output_loss)
+        _, mixed = vjp(lambda p: output_grad(outputs, p), phi.detach())
+        return lambda u: mixed(u)[0].detach()
+
     @torch.no_grad()
     def set_theta(self, theta: torch.Tensor) -> None:
         for (_, p), value in zip(
@@ -119,6 +153,25 @@ class BilevelProblem:
         dist = functional_call(self.predictor, params, (self.val.x,))
         return -dist.log_prob(self.val.y).mean()
 
+    def outputs(self, theta: torch.Tensor) -> torch.Tensor:
+        """o = (mean, log-variance) of the predictor on the train split: [..., B, 2D], mean half
+        first. Needs a diagonal Gaussian predictor (Independent Normal)."""
+        params = self._unflat(theta, self._theta, "") | self._fixed
+        dist = functional_call(self.predictor, params, (self.train.x,))
+        if not is_diagonal_normal(dist):
+            raise ConfigError(
+                f"the Gauss–Newton curvature needs a diagonal Gaussian predictor, got {type(dist).__name__}"
+            )
+        return torch.cat([dist.mean, dist.variance.log()], dim=-1)
+
+    def output_loss(self, outputs: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """ℓ(o, φ) = -J of the outputs o [..., B, 2D] on the train split: scalar. Needs an
+        objective with `of_outputs` (GaussianClosedForm)."""
+        params = self._unflat(phi, self._phi, "reward.")
+        return -functional_call(
+            self.output_objective, params, (outputs, self.train.x, self.train.y)
+        )
+
     def inner_grad(self, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
         """∇_θ L [P]."""
         return grad(self.inner_loss)(theta, phi)
@@ -140,6 +193,33 @@ class BilevelProblem:
 
         return partial(product, wrt=theta), partial(product, wrt=phi)
 
+    def gauss_newton(self, theta: torch.Tensor, phi: torch.Tensor):
+        """(v [P] -> J_θᵀ H_out J_θ v [P], v [P] -> ∇²_φθ L · v [Q]) at (θ, φ), from one forward
+        pass: J_θᵀ w is the outputs' vjp, J_θ v the vjp of that (linear) vjp, H_out t a vjp of
+        ∂ℓ/∂o in o. The mixed product is exact: ∇_θ L = J_θᵀ ∂ℓ/∂o and J_θ does not depend on φ,
+        so ∇²_φθ L · v = ∇_φ ⟨∂ℓ/∂o, J_θ v⟩."""
+        theta, phi = theta.detach(), phi.detach()
+        outputs, pull = vjp(self.outputs, theta)
+        _, push = vjp(pull, torch.zeros_like(outputs))
+        output_grad = grad(self.output_loss)
+        _, curvature = vjp(lambda o: output_grad(o, phi), outputs)
+        mixed = self.output_mixed(outputs, phi)
+
+        def jacobian(v: torch.Tensor) -> torch.Tensor:
+            return push((v,))[0]
+
+        def product(v: torch.Tensor) -> torch.Tensor:
+            return pull(curvature(jacobian(v))[0])[0].detach()
+
+        return product, lambda v: mixed(jacobian(v))
+
+    def curvature(self, theta: torch.Tensor, phi: torch.Tensor, kind: str):
+        """The (curvature product, mixed product) pair of `kind`: hessian (`second_order`) or
+        gauss-newton (`gauss_newton`)."""
+        if kind == "gauss-newton":
+            return self.gauss_newton(theta, phi)
+        return self.second_order(theta, phi)
+
     def hessian(self, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
         """∇²_θθ L [P, P] (small problems only)."""
         return jacfwd(lambda t: self.inner_grad(t, phi))(theta)
@@ -155,7 +235,7 @@ def implicit_hypergradient(
     """dF/dφ [Q] by the IFT at θ (assumed ≈ θ*(φ)). Returns (hypergradient, v [P], SolveInfo);
     pass the returned v as `warm` at the next call to warm-start CG or MINRES."""
     rhs = grad(problem.outer_loss)(theta)
-    hessian_product, mixed_product = problem.second_order(theta, phi)
+    hessian_product, mixed_product = problem.curvature(theta, phi, config.curvature)
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
         return hessian_product(v) + config.damping * v
@@ -176,7 +256,10 @@ def implicit_hypergradient(
     elif config.method == "neumann":
         v, info = neumann(matvec, rhs, config.neumann_step, config.max_iter)
     else:
-        hessian = problem.hessian(theta, phi)
+        if config.curvature == "gauss-newton":
+            hessian = vmap(hessian_product)(torch.eye(len(theta)).to(theta))  # symmetric
+        else:
+            hessian = problem.hessian(theta, phi)
         v, info = dense_solve(hessian + config.damping * torch.eye(len(theta)).to(hessian), rhs)
     check_solution(v, info, config)
     return -mixed_product(v), v, info

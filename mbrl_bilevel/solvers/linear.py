@@ -1,6 +1,7 @@
-"""Solvers of A v = b for the symmetric A = ∇²_θθ(-J) + δI, given only the product v -> A v
-(Hessian-vector products) or, for small problems, A itself. CG needs A positive definite; MINRES
-(scipy's) only symmetric, and its residual never grows from one iteration to the next.
+"""Solvers of A v = b for the symmetric A = C + δI (C the Hessian ∇²_θθ(-J) or its Gauss–Newton
+matrix), given only the product v -> A v (curvature-vector products) or, for small problems, A
+itself. CG needs A positive definite; MINRES (scipy's) only symmetric, and its residual never
+grows from one iteration to the next.
 
 Each returns (v, SolveInfo). A solve that misses its tolerance logs a warning with the residual;
 a non-finite result raises FloatingPointError (never a silent NaN).
@@ -22,6 +23,7 @@ from mbrl_bilevel.validation import ConfigError
 log = logging.getLogger(__name__)
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 METHODS = ("cg", "minres", "neumann", "dense")
+CURVATURES = ("hessian", "gauss-newton")
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,13 @@ class LinearSolverConfig:
     warn: bool = True
     """Log a warning when a solve misses its tolerance or meets negative curvature (off when the
     caller records the residual itself, e.g. as a TensorBoard scalar)."""
+    curvature: str = "hessian"
+    """The matrix of the system: hessian (the exact ∇²_θθ(-J)) or gauss-newton (J_θᵀ H_out J_θ,
+    positive semi-definite for any θ; diagonal Gaussian predictors, GaussianClosedForm)."""
 
     def __post_init__(self):
+        if self.curvature not in CURVATURES:
+            raise ConfigError(f"unknown curvature {self.curvature!r}; choose one of {CURVATURES}")
         if self.method not in METHODS:
             raise ConfigError(f"unknown linear solver {self.method!r}; choose one of {METHODS}")
         if not (self.damping >= 0 and math.isfinite(self.damping)):

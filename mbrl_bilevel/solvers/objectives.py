@@ -6,7 +6,10 @@ differentiable in the parameters of both modules (so torch.func.functional_call 
 
     J = mean over inputs (and ensemble members) of E_ŷ~p_θ(.|x) [r_φ(ŷ, y)] + λ H(p_θ(.|x))
 
-- GaussianClosedForm: Gaussian predictor, Mahalanobis reward (constant U or U(x)): exact.
+- GaussianClosedForm: Gaussian predictor, Mahalanobis reward (constant U or U(x)): exact. For a
+  diagonal Gaussian it is also a function of the outputs (mean, log-variance) alone
+  (`of_outputs`), convex in them, with the closed-form output curvature `output_curvature` that
+  the Gauss–Newton matrix of the IFT is built from (hypergrad.py, output_layer.py).
 - CategoricalExact: categorical predictor, one-hot reward: exact sum over the C classes.
 - Pathwise: any reparameterisable predictor and reward: a G-sample estimate with fixed noise
   (the same samples at every call with the same seed, so HVPs see one deterministic function).
@@ -17,6 +20,7 @@ leading ensemble dimension E (mean [E, B, D]); y broadcasts against it.
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
@@ -47,13 +51,36 @@ class GaussianClosedForm:
 
     def __call__(self, predictor, reward, x, y):
         dist = predictor(x)
-        if isinstance(dist, Independent) and isinstance(dist.base_dist, Normal):
-            expected = reward.expected(dist.mean, dist.variance, y, x)
-        else:
-            expected = expected_mahalanobis_reward(
-                dist.mean, covariance(dist), y, reward.matrix_at(x)
-            )
+        if is_diagonal_normal(dist):
+            return self.of_outputs(reward, dist.mean, dist.variance.log(), x, y)
+        expected = expected_mahalanobis_reward(dist.mean, covariance(dist), y, reward.matrix_at(x))
         return (expected + self.lam * dist.entropy()).mean()
+
+    def of_outputs(self, reward, mean, log_var, x, y):
+        """J of the diagonal Gaussian N(mean, diag exp(log_var)), mean and log_var [..., B, D]:
+        mean_b [E r(ŷ, y) + λ·½ Σ_d (log_var_d + log 2πe)]. Per input and dimension, -J is
+        U_dd (μ_d - y_d)² + U_dd e^{s_d} - (λ/2) s_d + const (plus U's off-diagonal terms in μ):
+        convex in (μ, s) for any SPD U."""
+        entropy = 0.5 * (log_var + math.log(2 * math.pi * math.e)).sum(-1)
+        return (reward.expected(mean, log_var.exp(), y, x) + self.lam * entropy).mean()
+
+    @staticmethod
+    def output_curvature(reward, log_var, x) -> torch.Tensor:
+        """The diagonal of -J's Hessian in the outputs, per input and dimension, for a reward
+        whose U(x) is diagonal (`reward.diagonal`): 2U_d(x) for the mean and U_d(x) e^{s_d} for
+        the log-variance, no cross terms. log_var [..., B, D] -> [..., B, 2D] (mean half first);
+        not divided by the number of terms that J averages."""
+        if not getattr(reward, "diagonal", False):
+            raise ConfigError(
+                f"the output curvature is diagonal only for a diagonal reward, not {type(reward).__name__}"
+            )
+        u = reward.diagonal_at(x)
+        return torch.cat([(2 * u).expand_as(log_var), u * log_var.exp()], dim=-1)
+
+
+def is_diagonal_normal(dist) -> bool:
+    """Whether `dist` is an Independent(Normal) (a diagonal Gaussian with event dim D)."""
+    return isinstance(dist, Independent) and isinstance(dist.base_dist, Normal)
 
 
 class CategoricalExact:
