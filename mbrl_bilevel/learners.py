@@ -18,7 +18,7 @@ normalised target units:
   trunk) and the variance phase (variance_head.VarianceHeadFit: the log-variance head alone
   fitted to the unweighted variance part of J, trunk and means frozen);
 - bilevel: a diagonal U learned by implicit differentiation of the held-out NLL;
-- bilevel-input: an input-dependent U(x) learned the same way.
+- bilevel-input: an input-dependent diagonal U(x) learned the same way.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ from mbrl_bilevel.rewards import (
     DiagonalInputMahalanobis,
     DiagonalMahalanobis,
     FixedMahalanobis,
-    InputDependentMahalanobis,
 )
 from mbrl_bilevel.solvers.objectives import GaussianClosedForm
 from mbrl_bilevel.solvers.updates import (
@@ -167,7 +166,7 @@ def _reward_and_update(strategy: str, in_dim: int, out_dim: int, seed: int, opti
     if strategy == "bilevel":
         reward = DiagonalMahalanobis(initial)
     else:
-        reward = InputDependentMahalanobis(in_dim, torch.diag(initial))
+        reward = DiagonalInputMahalanobis(in_dim, torch.diag(initial))
     update = ImplicitRefresh(
         reward,
         GaussianClosedForm(options.lam),

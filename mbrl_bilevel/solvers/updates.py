@@ -7,7 +7,8 @@ PG trains it under a reward that changes:
 - InputPluginRefresh: U(x) = (λ/2)diag(σ̂²(x))⁻¹, σ̂²(x) regressed on the held-out squared
   residuals every K steps (the heteroscedastic plug-in).
 - ImplicitRefresh: φ moved by the IFT hypergradient of the held-out NLL every K steps, from
-  minibatches of the train split (the Hessian) and the held-out split (∇_θ F).
+  minibatches of the train split (the Gauss–Newton curvature of the output layer) and the
+  held-out split (∇_θ F), where the inner problem is near its optimum.
 
 An update is used as `update.start(predictor, train, val)` at the start of each fit (data in the
 loss's coordinates), then `update(step, predictor) -> scalars` after every optimiser step.
@@ -15,6 +16,7 @@ loss's coordinates), then `update(step, predictor) -> scalars` after every optim
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Protocol
@@ -29,11 +31,11 @@ from mbrl_bilevel.rewards import (
     FixedMahalanobis,
     InputDependentMahalanobis,
 )
-from mbrl_bilevel.solvers.bilevel import implicit_outer_step
 from mbrl_bilevel.solvers.hypergrad import BilevelProblem
 from mbrl_bilevel.solvers.inner import reward_diagnostics
 from mbrl_bilevel.solvers.linear import LinearSolverConfig
 from mbrl_bilevel.solvers.objectives import Objective
+from mbrl_bilevel.solvers.output_layer import SKIP_REASONS, output_layer_outer_step
 from mbrl_bilevel.solvers.plugin import (
     floor_variances,
     plugin_ceiling,
@@ -42,6 +44,8 @@ from mbrl_bilevel.solvers.plugin import (
     shrink,
 )
 from mbrl_bilevel.validation import ConfigError, check_positive
+
+log = logging.getLogger(__name__)
 
 
 class RewardUpdate(Protocol):
@@ -220,21 +224,22 @@ class InputPluginRefresh:
 
 
 class ImplicitRefresh:
-    """Learn the reward's φ during the fit: every `every` steps one implicit outer step (IFT
-    hypergradient of the held-out NLL from the differentiable `objective`, then Adam on φ),
-    on `batch_size` random rows of each split. The outer Adam and the CG warm start persist
-    across fits (an agent retraining its model keeps learning the same reward). Each step's
-    relative residual is returned as solver/residual (TensorBoard) instead of a log warning;
-    a step whose solve is no better than v = 0 is skipped with a warning.
+    """Learn the reward's φ during the fit: every `every` steps one implicit outer step on
+    `batch_size` random rows of each split (output_layer.output_layer_outer_step): θ in the IFT is
+    the predictor's output layer (`predictor.output_layer_names()`, the trunk's features held
+    fixed), its curvature the Gauss–Newton matrix of -J (positive definite with the damping, so
+    the solve cannot meet negative curvature), solved block by block by preconditioned CG with
+    `linear`'s damping (relative), tol and max_iter (materialised and solved by Cholesky for a
+    predictor without an ensemble's stacked output layer, e.g. the paper protocol's GaussianMLP);
+    the mixed term is exact. The outer Adam
+    persists across fits (an agent retraining its model keeps learning the same reward).
 
-    With `output_layer_only`, θ in the IFT is the predictor's output layer
-    (`predictor.output_layer_names()`), the features held fixed: -J is then nearly convex in θ,
-    where over every parameter of a deep ensemble the Hessian is indefinite and most solves
-    fail. The system is still ill-conditioned (correlated features, U spanning orders of
-    magnitude across dimensions): 10 CG iterations mostly leave relative residuals of 0.03-0.5
-    on the tests' linear problem, and above 1 (skipped steps) in 34 of 82 outer steps of a
-    600-step Pusher agent. MINRES (`method="minres"`) never ends above 1, but it is not the
-    default: on the tests' closed-form checks its U ends farther from U* than CG's (docs/results/pets.md).
+    A step is skipped, φ and Adam's moments untouched, when the inner problem is not near its
+    optimum for the current U (|outer gap| > `stationarity` nat/dim: the held-out NLL would move
+    that much to first order if θ moved to the hyper-batch's Gauss–Newton point) or when the
+    solve's relative residual exceeds `max_residual`. Skips are logged at DEBUG (never printed
+    by default) and counted: each outer step returns the fit's counts with its own scalars
+    (solver/, outer/, reward/), which go to TensorBoard and, as `last`, into the fit's metrics.
 
     With `plugin_start`, the reward follows the diagonal plug-in P = (λ/2)diag(Σ̂)⁻¹ of the
     held-out residuals, floored by `floor_variances` (the closed-form optimum for a homoscedastic
@@ -248,7 +253,9 @@ class ImplicitRefresh:
     normalised steps turn a small, consistently signed hypergradient into a drift of `outer_lr`
     per step, and an agent takes hundreds of outer steps (on Reacher U grew 200× past the ceiling,
     where PG's optimal variance lies below the model's bound and the IFT solves fail).
-    Input-dependent rewards keep only their own soft bounds on log U(x)."""
+    Input-dependent rewards keep only their own soft bounds on log U(x). Every step reports
+    reward/log_u_over_plugin (mean over held-out rows and dimensions of log U_d(x) - log P_d) and
+    reward/log_u_over_plugin_max (its largest absolute value)."""
 
     def __init__(
         self,
@@ -260,8 +267,10 @@ class ImplicitRefresh:
         linear: LinearSolverConfig | None = None,
         seed: int = 0,
         plugin_start: bool = True,
-        output_layer_only: bool = True,
         max_correction: float = 10.0,
+        stationarity: float = 0.1,
+        max_residual: float = 1e-2,
+        inner_steps: int = 0,
     ):
         if every <= 0 or batch_size <= 0:
             raise ConfigError(f"every and batch_size must be > 0, got {every}, {batch_size}")
@@ -274,13 +283,18 @@ class ImplicitRefresh:
             every,
             batch_size,
         )
-        self.linear = linear or LinearSolverConfig(damping=1e-2, max_iter=10, tol=1e-2, warn=False)
+        self.linear = linear or LinearSolverConfig(
+            damping=1e-3, max_iter=50, tol=1e-4, warn=False, curvature="gauss-newton"
+        )
+        self.stationarity = check_positive(stationarity, "stationarity")
+        self.max_residual = check_positive(max_residual, "max_residual")
         self.optimizer = torch.optim.Adam(reward.parameters(), lr=check_positive(outer_lr, "lr"))
         self.generator = torch.Generator().manual_seed(seed)
-        self.plugin_start, self.output_layer_only = plugin_start, output_layer_only
-        self.warm: torch.Tensor | None = None
+        self.plugin_start, self.inner_steps = plugin_start, inner_steps
         self.last: dict[str, float] = {}
         self.outer_step = 0
+        self.counts = dict.fromkeys(("steps", *SKIP_REASONS), 0)
+        """Outer steps in the current fit, and those skipped for each reason."""
         self.anchor: torch.Tensor | None = None
         """log diag of the plug-in U at the previous outer step [D]."""
         self.train: Dataset | None = None
@@ -288,14 +302,18 @@ class ImplicitRefresh:
 
     def start(self, predictor: nn.Module, train: Dataset, val: Dataset | None) -> None:
         self.train, self.val = train, _require_val(val, "the bilevel reward")
+        self.counts = dict.fromkeys(self.counts, 0)
         if isinstance(self.reward, InputDependentMahalanobis) and self.outer_step == 0:
             self.reward.fit_normaliser(train.x)
 
-    def _anchor(self, predictor: nn.Module) -> None:
-        """Set U to the diagonal plug-in of the held-out residuals (first time), or move it by
-        the plug-in's change since the previous outer step."""
+    def _log_plugin(self, predictor: nn.Module) -> torch.Tensor:
+        """log diag of the plug-in (λ/2)diag(Σ̂)⁻¹ of the held-out residuals, floored [D]."""
         sigma = floor_variances(residual_covariance(predictor, self.val), predictor)
-        log_plugin = plugin_matrix("diag", sigma, self.objective.lam).diagonal().log()
+        return plugin_matrix("diag", sigma, self.objective.lam).diagonal().log()
+
+    def _anchor(self, log_plugin: torch.Tensor) -> None:
+        """Set U to the plug-in exp(log_plugin) [D] (first time), or move it by the plug-in's
+        change since the previous outer step."""
         if self.anchor is None:
             self.reward.set_constant(torch.diag(log_plugin.exp()))
         else:
@@ -316,28 +334,61 @@ class ImplicitRefresh:
         index = torch.randperm(len(data), generator=self.generator)[: self.batch_size]
         return data.subset(index)
 
+    @torch.no_grad()
+    def _against_plugin(self, log_plugin: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
+        """reward/log_u_over_plugin and reward/log_u_over_plugin_max at inputs x [B, in]."""
+        ratio = self.reward.diagonal_at(x).log() - log_plugin
+        return {
+            "reward/log_u_over_plugin": float(ratio.mean()),
+            "reward/log_u_over_plugin_max": float(ratio.abs().max()),
+        }
+
+    def _counted(self, reason: str | None) -> dict[str, float]:
+        """Count this outer step (and its skip reason); the fit's counts and shares as scalars."""
+        self.counts["steps"] += 1
+        if reason is not None:
+            self.counts[reason] += 1
+            log.debug("outer step %d skipped: %s", self.outer_step, reason.replace("_", " "))
+        row = {"solver/outer_steps": float(self.counts["steps"])}
+        for name in SKIP_REASONS:
+            row[f"solver/skipped_{name}"] = float(self.counts[name])
+            row[f"solver/share_skipped_{name}"] = self.counts[name] / self.counts["steps"]
+        return row
+
     def __call__(self, step: int, predictor: nn.Module) -> dict[str, float]:
         if step % self.every:
             return {}
+        log_plugin = self._log_plugin(predictor)
         if self.plugin_start:
-            self._anchor(predictor)
+            self._anchor(log_plugin)
+            self._bound_correction(predictor)
         self.outer_step += 1
         train, val = self._rows(self.train), self._rows(self.val)
-        names = predictor.output_layer_names() if self.output_layer_only else None
-        problem = BilevelProblem(predictor, self.reward, self.objective, train, val, names)
-        row, self.warm = implicit_outer_step(
-            problem, self.optimizer, self.linear, self.warm, self.outer_step
+        problem = BilevelProblem(
+            predictor, self.reward, self.objective, train, val, predictor.output_layer_names()
         )
-        if self.plugin_start:
-            self._bound_correction(predictor)
-        self.last = row | reward_diagnostics(self.reward, val.x)
+        row, reason = output_layer_outer_step(
+            problem,
+            self.optimizer,
+            self.linear,
+            self.stationarity,
+            self.max_residual,
+            self.outer_step,
+            self.inner_steps,
+            project=(lambda: self._bound_correction(predictor)) if self.plugin_start else None,
+        )
+        self.last = (
+            row
+            | self._counted(reason)
+            | reward_diagnostics(self.reward, val.x)
+            | self._against_plugin(log_plugin, val.x)
+        )
         return self.last
 
     def state_dict(self) -> dict:
         return {
             "reward": self.reward.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "warm": self.warm,
             "outer_step": self.outer_step,
             "anchor": self.anchor,
             "generator": self.generator.get_state(),
@@ -346,6 +397,5 @@ class ImplicitRefresh:
     def load_state_dict(self, state: dict) -> None:
         self.reward.load_state_dict(state["reward"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.warm, self.outer_step = state["warm"], state["outer_step"]
-        self.anchor = state["anchor"]
+        self.outer_step, self.anchor = state["outer_step"], state["anchor"]
         self.generator.set_state(state["generator"])
