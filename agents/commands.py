@@ -5,8 +5,10 @@ run, optionally on video."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -59,11 +61,12 @@ class TrainConfig:
     bilevel (a diagonal reward U learned by implicit differentiation) or bilevel-input (U(x))."""
     steps: int = 1500
     """Total env steps."""
-    preset: str = "tiny"
+    preset: str = "auto"
     """Agent sizes, per env where the papers set them (docs: configuration): tiny (a small model
     and planner: minutes on a CPU, enough for InvertedPendulum and the point mass), cpu (sized
-    for this machine's cores), the paper's settings (pets for pets, mbpo for mbpo), or sac (mbpo
-    without a model: plain SB3 SAC, the baseline)."""
+    for this machine's cores), the paper's settings (pets for pets, mbpo for mbpo), sac (mbpo
+    without a model: plain SB3 SAC, the baseline), or auto (tiny for InvertedPendulum and the
+    point mass, cpu for the other tasks)."""
     seed: int = 0
     """Seed of the agent and the env."""
     eval_every: int = 500
@@ -84,6 +87,9 @@ class TrainConfig:
     """Torch threads (1 whenever runs share the machine)."""
     progress: bool = True
     """Show a progress bar (on a terminal)."""
+    verbose: bool = False
+    """Also print the toolkit's per-step log messages (e.g. the bilevel outer steps it skips),
+    which always go to the run's log.txt."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The ensemble and its retraining."""
     pg: PGOptions = field(default_factory=PGOptions)
@@ -103,6 +109,7 @@ class TrainConfig:
         foreign = FOREIGN_GROUP[self.agent]
         if getattr(self, foreign) != type(getattr(self, foreign))():
             raise ConfigError(f"--{foreign}.* options apply to {foreign_agent(foreign)} only")
+        object.__setattr__(self, "preset", resolve_preset(self.preset, self.env))
         AGENTS[self.agent].preset(self.preset, self.env)  # an unknown preset
 
     def agent_config(self) -> AgentConfig:
@@ -136,6 +143,17 @@ def foreign_agent(group: str) -> str:
     return next(agent for agent, own in AGENT_GROUP.items() if own == group)
 
 
+SMALL_TASKS = ("InvertedPendulum", "PointMass")
+"""Tasks the tiny preset learns in minutes: the auto preset's tiny ones."""
+
+
+def resolve_preset(preset: str, env: str) -> str:
+    """`preset`, or for "auto" the preset that fits `env`: tiny for SMALL_TASKS, else cpu."""
+    if preset != "auto":
+        return preset
+    return "tiny" if env.rsplit("/", 1)[-1].split("-v")[0] in SMALL_TASKS else "cpu"
+
+
 def train_defaults(args: list[str]) -> TrainConfig:
     """The TrainConfig whose groups hold the preset of the --env, --agent and --preset in `args`
     (or their defaults): the defaults that `args` are then parsed on top of."""
@@ -145,12 +163,13 @@ def train_defaults(args: list[str]) -> TrainConfig:
     known, _ = parser.parse_known_args(args)
     if known.agent not in AGENTS:
         raise ConfigError(f"unknown agent {known.agent!r}; choose from {sorted(AGENTS)}")
-    preset = AGENTS[known.agent].preset(known.preset, known.env)
+    name = resolve_preset(known.preset, known.env)
+    preset = AGENTS[known.agent].preset(name, known.env)
     group = AGENT_GROUP[known.agent]
     return TrainConfig(
         env=known.env,
         agent=known.agent,
-        preset=known.preset,
+        preset=name,
         model=preset.model,
         pg=preset.pg,
         **{group: getattr(preset, group)},
@@ -201,18 +220,40 @@ def run_train(config: TrainConfig) -> None:
     torch.set_num_threads(config.threads)
     env = make_env(config.env, seed=config.seed)  # a bad env id fails before any folder is made
     run_dir = Path(config.resume) if config.resume else new_run_dir(config)
-    with run_lock(run_dir):
+    with run_lock(run_dir), run_log(run_dir / "log.txt", config.verbose):
         remove_temporaries(run_dir)
         train_in(run_dir, config, env)
 
 
+@contextlib.contextmanager
+def run_log(path: Path, verbose: bool):
+    """While the run lives, the toolkit's log messages (logger "mbrl_bilevel", DEBUG and up) go
+    to `path` and, when `verbose`, to the console; without it only warnings reach the console."""
+    logger = logging.getLogger("mbrl_bilevel")
+    handlers = [logging.FileHandler(path)] + ([logging.StreamHandler()] if verbose else [])
+    handlers[0].setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    for handler in handlers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+        logger.setLevel(level)
+
+
 def resumed_config(config: TrainConfig) -> TrainConfig:
-    """The config saved in the run folder config.resume, with this call's resume and progress."""
+    """The config saved in the run folder config.resume, with this call's resume, progress and
+    verbose."""
     run_dir = Path(config.resume)
     if not (run_dir / "config.json").is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.json)")
     saved = json.loads((run_dir / "config.json").read_text())
-    return from_dict(TrainConfig, {**saved, "resume": config.resume, "progress": config.progress})
+    this_call = {"resume": config.resume, "progress": config.progress, "verbose": config.verbose}
+    return from_dict(TrainConfig, {**saved, **this_call})
 
 
 def new_run_dir(config: TrainConfig) -> Path:

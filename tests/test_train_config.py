@@ -43,6 +43,14 @@ def test_each_env_gets_its_own_mbpo_settings():
     assert PETS.preset("pets", "HalfCheetah-v5").planner.horizon == 30
 
 
+def test_the_auto_preset_fits_the_env():
+    cheetah = train_defaults(["--env", "HalfCheetah-v5", "--agent", "mbpo"])
+    assert cheetah.preset == "cpu" and cheetah.mbpo.rollout_schedule == (20_000, 150_000, 1, 1)
+    assert train_defaults([]).preset == "tiny"  # the main job: PETS on InvertedPendulum
+    assert main_config(["--env", POINT_MASS_ID, "--preset", "auto"]).preset == "tiny"
+    assert TrainConfig(env="Hopper-v5", agent="mbpo").preset == "cpu"
+
+
 def test_options_change_the_preset_field_by_field():
     args = ["--agent", "pets", "--preset", "cpu", "--planner.horizon", "9", "--model.members", "6"]
     config = main_config(args)
@@ -136,3 +144,35 @@ def test_resume_uses_the_resolved_config(tmp_path):
     assert resumed["planner"]["horizon"] == 4 and resumed["steps"] == 110
     assert json.loads((run / "summary.json").read_text())["env_steps"] == 110
     assert TrainConfig().planner.horizon == 30  # the plain default is not what the run used
+
+
+def test_log_messages_go_to_the_run_log_and_to_the_console_only_when_verbose(tmp_path, capsys):
+    import logging
+
+    from agents.commands import run_log
+
+    log = logging.getLogger("mbrl_bilevel.solvers.updates")
+    with run_log(tmp_path / "quiet.txt", verbose=False):
+        log.debug("outer step 3 skipped: not stationary")
+    assert "outer step 3 skipped" in (tmp_path / "quiet.txt").read_text()
+    assert capsys.readouterr().err == ""
+    with run_log(tmp_path / "loud.txt", verbose=True):
+        log.debug("outer step 4 skipped: not stationary")
+    assert "outer step 4 skipped" in capsys.readouterr().err
+    log.debug("after the run")  # its handlers are gone
+    assert "after the run" not in (tmp_path / "loud.txt").read_text()
+
+
+def test_the_default_job_prints_a_short_summary(tmp_path):
+    """The main job's console, shortened to 300 steps: no per-step solver lines, at most 30."""
+    result = subprocess.run(
+        [sys.executable, "-m", "mbrl_bilevel.cli", "train", "--steps", "300", "--eval-every", "300"]
+        + ["--eval-episodes", "1", "--out-dir", str(tmp_path), "--name", "job"],
+        capture_output=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    output = (result.stdout + result.stderr).decode()  # bytes: the bar redraws itself with \r
+    lines = output.strip().split("\n")
+    assert len(lines) <= 30 and not any("skipped" in line for line in lines), lines
+    assert (tmp_path / "job" / "log.txt").is_file()
