@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from agents.checkpoints import checkpoint_bytes, read_checkpoint
 from envs.tasks import task_functions
-from mbrl_bilevel.configs import check_positive_fields, from_dict, replace_fields
+from mbrl_bilevel.configs import check_positive_fields, env_name, from_dict, replace_fields
 from mbrl_bilevel.data import random_split
 from mbrl_bilevel.ensemble import GaussianEnsemble
 from mbrl_bilevel.learners import PGOptions, make_dynamics_learner
@@ -182,8 +182,8 @@ class ModelBasedAgent:
             raise ConfigError(
                 f"unknown preset {name!r} for {cls.__name__}; choose from {sorted(cls.presets)}"
             )
-        env_name = env_id.rsplit("/", 1)[-1].split("-v")[0]
-        return replace_fields(cls.presets[name], cls.env_presets.get(name, {}).get(env_name, {}))
+        changes = cls.env_presets.get(name, {}).get(env_name(env_id), {})
+        return replace_fields(cls.presets[name], changes)
 
     # ----------------------------------------------------------------- SB3 surface
 

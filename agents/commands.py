@@ -26,7 +26,7 @@ from agents.checkpoints import CHECKPOINT, EpisodeCheckpoint, load_newest, previ
 from agents.mbpo import MBPO, DynaConfig
 from agents.pets import PETS, PlannerConfig
 from envs.make import make_env
-from mbrl_bilevel.configs import check_positive_fields, from_dict
+from mbrl_bilevel.configs import check_positive_fields, env_name, from_dict
 from mbrl_bilevel.learners import PGOptions, check_strategy, resolve_estimator
 from mbrl_bilevel.reporting import plot_curves
 from mbrl_bilevel.runs import (
@@ -151,7 +151,7 @@ def resolve_preset(preset: str, env: str) -> str:
     """`preset`, or for "auto" the preset that fits `env`: tiny for SMALL_TASKS, else cpu."""
     if preset != "auto":
         return preset
-    return "tiny" if env.rsplit("/", 1)[-1].split("-v")[0] in SMALL_TASKS else "cpu"
+    return "tiny" if env_name(env) in SMALL_TASKS else "cpu"
 
 
 def train_defaults(args: list[str]) -> TrainConfig:

@@ -55,6 +55,12 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def env_name(env_id: str) -> str:
+    """The env id without its namespace and version, as presets and reports key envs:
+    "mbrl_bilevel/PointMass-v0" -> "PointMass", "HalfCheetah-v5" -> "HalfCheetah"."""
+    return env_id.rsplit("/", 1)[-1].split("-v")[0]
+
+
 def check_positive_fields(config: Any, names: tuple[str, ...], flag_prefix: str = "") -> None:
     """Raise ConfigError naming the first of `names` whose value in `config` is not > 0 (a tuple
     field: each of its entries)."""

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from matplotlib.ticker import FuncFormatter
 
+from mbrl_bilevel.configs import env_name
 from mbrl_bilevel.report.runs import RunData, read_csv
 from mbrl_bilevel.reporting import format_mean_std, markdown_table, plot_curves
 from mbrl_bilevel.runs import safe_name, save_figure
@@ -98,11 +99,6 @@ def summarise(run: RunData) -> RunSummary:
         seconds_per_step=run.finals[0].get("seconds_per_env_step"),
         model=read_csv(model_csv) if model_csv.is_file() else [],
     )
-
-
-def env_name(env_id: str) -> str:
-    """HalfCheetah-v5 -> HalfCheetah."""
-    return env_id.rsplit("/", 1)[-1].split("-v")[0]
 
 
 def paired_difference(
